@@ -27,7 +27,9 @@ Modes.
   ``prompt_attention``); custom blocks, gated attention, ``attn_head_dim != dim / heads`` and attention dropout are
   refused with a ValueError/TypeError (shallow mode runs any block).
 
-Only ``forward_features`` (hence ``forward``) is patched: ``forward_intermediates`` and ``attn_mask`` are not prompted.
+Only ``forward_features`` (hence ``forward``) runs with prompts. ``forward_intermediates`` (and so
+``get_intermediate_layers``) would silently return unprompted features, so a prompted model raises a clear error there
+instead; ``attn_mask`` / ``is_causal`` are refused by the prompted ``forward_features``.
 
 :func:`vpt_forward_features` is the explicit-concat VPT reference (concatenate the prompts, run the unmodified timm
 blocks) that the tests and benchmarks compare against. :func:`load_backbone_weights` loads timm, MAE and MoCo v3
@@ -129,6 +131,7 @@ def add_prompts(
     model.prompt_mode = mode
     forward = _forward_features_deep if mode == "deep" else _forward_features_shallow
     model.forward_features = types.MethodType(forward, model)
+    model.forward_intermediates = types.MethodType(_forward_intermediates_refused, model)
     return model
 
 
@@ -138,8 +141,17 @@ def remove_prompts(model: VisionTransformer) -> VisionTransformer:
         raise ValueError("model has no prompts to remove (no model.prompt_tokens)")
     del model.prompt_tokens
     del model.prompt_mode
-    del model.forward_features  # the instance attribute; the class method shows through again
+    del model.forward_features  # the instance attributes; the class methods show through again
+    del model.forward_intermediates
     return model
+
+
+def _forward_intermediates_refused(self: VisionTransformer, *args, **kwargs):
+    raise NotImplementedError(
+        f"forward_intermediates / get_intermediate_layers do not run the {self.prompt_mode} prompts added by "
+        "rpp_kernels.integrations.timm.add_prompts (they would return unprompted features); use forward_features, "
+        "or remove_prompts(model) for the backbone's own intermediates"
+    )
 
 
 def _embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -136,10 +136,14 @@ def test_remove_prompts_restores_original_outputs(mode):
     add_prompts(model, 3, mode)
     assert not torch.allclose(model(images), before)
     assert set(model.state_dict()) == keys | {"prompt_tokens"}
+    with pytest.raises(NotImplementedError, match="forward_intermediates.*unprompted"):
+        model.get_intermediate_layers(images, 1)  # would silently skip the prompts
     remove_prompts(model)
     assert torch.equal(model(images), before)
     assert set(model.state_dict()) == keys
-    assert "forward_features" not in vars(model) and not hasattr(model, "prompt_tokens")
+    assert "forward_features" not in vars(model) and "forward_intermediates" not in vars(model)
+    assert not hasattr(model, "prompt_tokens")
+    model.get_intermediate_layers(images, 1)  # the backbone's own again
     add_prompts(model, 5, mode)  # and it can be prompted again
     assert model.prompt_tokens.shape[1] == 5
 
