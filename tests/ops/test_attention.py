@@ -187,6 +187,15 @@ def test_zero_length_prefix_and_no_prefix_agree():
     torch.testing.assert_close(out, prompt_attention(q, k, v, backend="triton"))
 
 
+@needs_triton
+def test_double_backward_through_the_kernels_raises():
+    # The Triton backward is not differentiable: a gradient penalty must fail loudly, not silently drop its term.
+    q, k, v, pk, pv = make_inputs(1, 1, 4, 2, 32, torch.float32, "hpd")
+    out = prompt_attention(q, k, v, pk, pv, backend="triton")
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\)"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+
+
 def _errors(**overrides):
     args = dict(
         q=torch.randn(2, 4, 8, 32),

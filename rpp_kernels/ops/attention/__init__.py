@@ -46,6 +46,14 @@ class PromptAttentionFn(torch.autograd.Function):
     def backward(ctx, do):
         from rpp_kernels.ops.attention import triton as kernels
 
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' gradients would come back detached and a gradient penalty through them
+            # would silently lose its attention terms. (@once_differentiable only raises on .backward(), not on
+            # autograd.grad(..., inputs) that skips its error node.)
+            raise RuntimeError(
+                "prompt_attention: the triton backend does not support double backward (create_graph=True)"
+            )
+
         q, k, v, prefix_k, prefix_v, o, lse = ctx.saved_tensors
         dq, dk, dv, dpk, dpv = kernels.prompt_attention_bwd(
             do, q, k, v, prefix_k, prefix_v, o, lse, ctx.causal, ctx.softmax_scale
