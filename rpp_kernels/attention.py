@@ -184,11 +184,15 @@ class PromptAttention(nn.Module):
         return module.train(mha.training)
 
     def _mask_is_causal(self, attn_mask: torch.Tensor) -> bool:
-        # Checking reads the mask (a host sync on GPU), so the answer is cached per mask tensor and version.
-        key = (attn_mask.data_ptr(), attn_mask._version, attn_mask.shape, attn_mask.dtype, attn_mask.device)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, _is_causal_mask(attn_mask))
-        return self._mask_cache[1]
+        # Checking reads the mask (a host sync on GPU), so the answer is cached for the same tensor object at the same
+        # version. Not keyed on data_ptr: a view (mask.t()) or a new mask in freed memory can share the pointer.
+        # Inference tensors have no version counter, so they are checked on every call.
+        if attn_mask.is_inference():
+            return _is_causal_mask(attn_mask)
+        cache = self._mask_cache
+        if cache is None or cache[0] is not attn_mask or cache[1] != attn_mask._version:
+            cache = self._mask_cache = (attn_mask, attn_mask._version, _is_causal_mask(attn_mask))
+        return cache[2]
 
     def forward(
         self,
@@ -227,6 +231,9 @@ class PromptAttention(nn.Module):
         x = query.unsqueeze(0) if unbatched else (query if self.batch_first else query.transpose(0, 1))  # [B, N, E]
         if unbatched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
+        if prompt_q is None and (prompt_k is not None or prompt_v is not None):
+            given = "prompt_k" if prompt_k is not None else "prompt_v"
+            raise ValueError(f"PromptAttention: {given} without prompt_q; pass prompt_q (alone it is q, k and v rows)")
         if prompt_q is not None and prompt_k is None and prompt_v is None:
             prompt_k = prompt_v = prompt_q
         prompts = None if prompt_q is None else (prompt_q, prompt_k, prompt_v)
@@ -280,6 +287,12 @@ class PromptAttention(nn.Module):
         else:
             q_in, k_in, v_in = (torch.cat([p[:, None].expand(-1, batch, -1), xs], 0) for p in prompts)
             if key_padding_mask is not None:
+                if key_padding_mask.shape != (batch, n_tokens):
+                    raise ValueError(
+                        f"PromptAttention: with {n_prompt} prompt rows key_padding_mask must be [B, N] = "
+                        f"[{batch}, {n_tokens}] (the tokens only; prompt rows are never padding), got "
+                        f"{list(key_padding_mask.shape)}"
+                    )
                 pad = torch.zeros(batch, n_prompt, dtype=key_padding_mask.dtype, device=key_padding_mask.device)
                 key_padding_mask = torch.cat([pad, key_padding_mask], 1)
             if attn_mask is not None and attn_mask.shape[-2:] != (seq, seq):

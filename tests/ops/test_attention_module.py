@@ -211,6 +211,34 @@ def test_rejects_cross_attention_and_mismatched_prompt_masks():
         module(x, x, x, attn_mask=torch.randn(5, 5), prompt_q=torch.randn(3, EMBED))
 
 
+def test_causal_mask_check_is_not_reused_for_a_view_or_inference_tensor():
+    mha = make_mha()
+    module = PromptAttention.from_mha(mha)
+    x = torch.randn(2, 6, EMBED)
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    # causal.t() shares causal's data pointer, version, shape and dtype but masks the other triangle.
+    for mask in (causal, causal.t()):
+        torch.testing.assert_close(module(x, x, x, attn_mask=mask)[0], mha(x, x, x, attn_mask=mask)[0])
+    with torch.inference_mode():  # inference tensors have no version counter
+        mask = causal_float_mask(6)
+        torch.testing.assert_close(module(x, x, x, attn_mask=mask)[0], mha(x, x, x, attn_mask=mask)[0])
+
+
+def test_rejects_prompt_k_or_v_without_prompt_q():
+    module = PromptAttention(EMBED, HEADS, batch_first=True)
+    x, prompt = torch.randn(2, 5, EMBED), torch.randn(3, EMBED)
+    for name in ("prompt_k", "prompt_v"):
+        with pytest.raises(ValueError, match=f"{name} without prompt_q"):
+            module(x, x, x, **{name: prompt})
+
+
+def test_key_padding_mask_over_the_concatenation_is_refused_clearly():
+    module = PromptAttention(EMBED, HEADS, batch_first=True)
+    x, prompt = torch.randn(2, 5, EMBED), torch.randn(3, EMBED)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \[B, N\] = \[2, 5\].*got \[2, 8\]"):
+        module(x, x, x, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool), prompt_q=prompt)
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_module_parity():
     mha = make_mha().cuda().bfloat16()
