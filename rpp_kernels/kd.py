@@ -33,11 +33,14 @@ def topk_kd_loss(
 
     student_feats: ``[B, E]``; class_embeds: ``[C, E]`` (same dtype; both may require grad).
     teacher, one of (no gradient flows to it):
-      * logits ``[B, C]``;
-      * ``(teacher_feats [B, Et], teacher_class_embeds [C, Et])``: logits ``logit_scale * feats @ embeds.T``, fused;
+      * logits ``[B, C]`` (``-inf`` rules a class out; NaN or ``+inf`` is an error);
+      * ``(teacher_feats [B, Et], teacher_class_embeds [C, Et])``: logits ``logit_scale * feats @ embeds.T``, fused
+        (both finite);
       * ``(indices [B, k'] int, probs [B, k'])``: a precomputed top-k (probabilities already at temperature T; entries
         are renormalised over the unmasked ones; with ``k < k'`` the k most probable are kept). Indices must be
-        distinct.
+        distinct within a row, probs finite and ``>= 0``.
+    logit_scale: a float or a one-element tensor used as a constant: no gradient flows to it (a tensor that requires
+      grad is an error).
     k: teacher ``softmax(t / T)`` is truncated to its top-k classes and renormalised; ``None`` (or ``k >= C``): the
       full distribution. Ties at the k-th value: the lower class index wins (``torch.topk`` promises no order).
     student_support: ``"full"`` softmax over all classes, or ``"topk"`` renormalised over the teacher's top-k (then,

@@ -142,6 +142,19 @@ def _args(**over):
             dict(labels=torch.tensor([0, 1, 2]), class_mask=torch.tensor([True, False, True, True, True, True])),
             "removed by class_mask",
         ),
+        # A precomputed teacher with a repeated class would count that class twice in the KL (silently wrong).
+        ({"teacher": (torch.tensor([[1, 1], [0, 2], [3, 4]]), torch.rand(3, 2))}, {}, "indices must be distinct"),
+        # NaN / inf / negative probabilities used to give a silent 0 or a meaningless loss.
+        ({"teacher": (torch.tensor([[1, 2]] * 3), torch.tensor([[0.5, float("nan")]] * 3))}, {}, "probs must be"),
+        ({"teacher": (torch.tensor([[1, 2]] * 3), torch.tensor([[0.5, float("inf")]] * 3))}, {}, "probs must be"),
+        ({"teacher": (torch.tensor([[1, 2]] * 3), torch.tensor([[0.5, -0.1]] * 3))}, {}, "probs must be"),
+        # NaN / +inf teacher logits used to drop the row's KD term (full teacher) or the class (top-k) silently.
+        ({"teacher": torch.tensor([[0.0, float("nan"), 1, 2, 3, 4]] * 3)}, {}, r"teacher logits contain NaN or \+inf"),
+        ({"teacher": torch.tensor([[0.0, float("inf"), 1, 2, 3, 4]] * 3)}, dict(k=None), r"NaN or \+inf"),
+        ({"teacher": (torch.full((3, 8), float("nan")), torch.randn(6, 8))}, {}, "teacher_feats must be finite"),
+        ({"teacher": (torch.randn(3, 8), torch.full((6, 8), float("inf")))}, {}, "teacher_class_embeds must be"),
+        # No gradient flows to logit_scale: a learnable scale must not silently get none.
+        ({}, dict(logit_scale=torch.tensor(2.0, requires_grad=True)), "logit_scale requires grad"),
     ],
 )
 def test_value_errors(over, kwargs, match):

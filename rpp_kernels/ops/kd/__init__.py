@@ -152,6 +152,11 @@ def make_problem(
     T = _as_float("temperature", temperature)
     if T <= 0:
         raise ValueError(f"topk_kd_loss: temperature must be > 0, got {T}")
+    if isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "topk_kd_loss: logit_scale requires grad, but the loss gives it no gradient; pass logit_scale.detach() "
+            "(or a float) and learn it elsewhere"
+        )
     scale = _as_float("logit_scale", logit_scale)
     kd_w = _as_float("kd_weight", kd_weight)
     ce_w = _as_float("ce_weight", ce_weight)
@@ -185,6 +190,9 @@ def make_problem(
         _check_tensor("teacher logits", teacher, 2, dev)
         if tuple(teacher.shape) != (B, C):
             raise ValueError(f"topk_kd_loss: teacher logits {_shape(teacher)} must be [B, C] = [{B}, {C}]")
+        # -inf marks a class the teacher rules out; NaN and +inf have no distribution (the kernels would drop them).
+        if bool((teacher.isnan() | (teacher == float("inf"))).any()):
+            raise ValueError("topk_kd_loss: teacher logits contain NaN or +inf (-inf or class_mask drops a class)")
         form, fields["teacher_logits"] = LOGITS, teacher.detach()
     elif isinstance(teacher, (tuple, list)) and len(teacher) == 2:
         first, second = teacher
@@ -201,6 +209,11 @@ def make_problem(
                     f"topk_kd_loss: teacher indices must be in [0, {C}), got min {int(first.min())}, "
                     f"max {int(first.max())}"
                 )
+            by_class = first.sort(dim=1).values
+            if bool((by_class[:, 1:] == by_class[:, :-1]).any()):
+                raise ValueError("topk_kd_loss: teacher indices must be distinct within each row (a class is repeated)")
+            if not bool(((second >= 0) & torch.isfinite(second)).all()):
+                raise ValueError("topk_kd_loss: teacher probs must be finite and >= 0 (they are renormalised per row)")
             form = TOPK
             fields["topk_indices"], fields["topk_probs"] = first.long(), second.detach()
         else:
@@ -213,6 +226,9 @@ def make_problem(
                 )
             if first.dtype != second.dtype:
                 raise TypeError(f"topk_kd_loss: teacher feats {first.dtype} and class embeds {second.dtype} differ")
+            for name, x in (("teacher_feats", first), ("teacher_class_embeds", second)):
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"topk_kd_loss: {name} must be finite (NaN or inf would make teacher logits NaN)")
             form = FEATS
             fields["teacher_feats"], fields["teacher_embeds"] = first.detach(), second.detach()
     else:
