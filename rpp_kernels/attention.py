@@ -222,6 +222,16 @@ class PromptAttention(nn.Module):
                 "PromptAttention is self-attention only: key and value must be query "
                 f"(got query {list(query.shape)}, key {list(key.shape)}, value {list(value.shape)})"
             )
+        if (
+            (key is not query or value is not query)
+            and torch.is_grad_enabled()
+            and (key.requires_grad or value.requires_grad)
+        ):
+            # Only query is read: a key/value that merely equals it would get no gradient and query would get theirs.
+            raise ValueError(
+                "PromptAttention is self-attention only: key/value equal query but are other tensors that require "
+                "grad, so their gradients would go to query; pass the same tensor as query, key and value"
+            )
         if query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"PromptAttention: query must be [B, N, E], [N, B, E] or [N, E] with E={self.embed_dim}, "

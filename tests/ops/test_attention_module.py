@@ -207,6 +207,11 @@ def test_rejects_cross_attention_and_mismatched_prompt_masks():
     with pytest.raises(ValueError, match="self-attention only"):
         module(x, y, y)
     module(x, x.clone(), x.clone())  # equal tensors are fine
+    # ... unless they need their own gradients: only query is read, so key/value would silently get none.
+    q, k, v = (x.clone().requires_grad_() for _ in range(3))
+    with pytest.raises(ValueError, match="their gradients would go to query"):
+        module(q, k, v)
+    module(q, q, q)
     with pytest.raises(ValueError, match=r"concatenated sequence \(\[8, 8\]"):
         module(x, x, x, attn_mask=torch.randn(5, 5), prompt_q=torch.randn(3, EMBED))
 
