@@ -47,7 +47,8 @@ def topk_kd_loss(
       with no labels, the other classes' student logits are never computed).
     labels: ``[B]`` int; adds ``ce_weight * cross_entropy(s, labels)`` over all unmasked classes (``ce_weight != 0``
       needs labels). class_mask: ``[C]`` bool, False removes a class from both distributions.
-    Returns the loss in float32: a scalar for ``reduction`` ``"mean"`` (over rows) / ``"sum"``, ``[B]`` for ``"none"``.
+    Returns the loss in float32 (float64 for float64 inputs): a scalar for ``reduction`` ``"mean"`` (over rows) /
+    ``"sum"``, ``[B]`` for ``"none"``.
     A row whose teacher has no probability mass (every class masked or -inf) contributes no KD term.
 
     Equivalent PyTorch (``k < C``, logits teacher, ``student_support="full"``)::

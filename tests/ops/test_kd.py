@@ -53,6 +53,24 @@ def test_float16_inputs():
     check_against_reference(Case(7, 1000, 5, form="feats", labels=True), "torch", dtype=torch.float16)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(3, 9, 4, T=2.0, form="logits", support="topk", labels=True, mask=True, E=5),
+        Case(3, 9, None, T=2.0, form="feats", labels=True, E=5, Et=6),
+        Case(3, 9, 3, form="topk", mask=True, E=5),
+    ],
+    ids=str,
+)
+def test_float64_inputs_are_computed_in_float64(case):
+    """The torch backend takes fp64; it used to compute in fp32 (errors ~1e-6), so gradcheck failed."""
+    check_against_reference(case, "torch", dtype=torch.float64)
+    sf, ce, teacher, kw = make_inputs(case, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b: topk_kd_loss(a, b, teacher, reduction="none", backend="torch", **kw), (sf, ce)
+    )
+
+
 def test_tie_rule_lower_index_wins(monkeypatch):
     """Equal teacher logits: the lower class index is kept, also across chunk boundaries."""
     monkeypatch.setattr(chunked, "CHUNK", 4)

@@ -87,7 +87,7 @@ def check_against_reference(case: Case, backend: str, dtype=torch.float32, devic
     sf, ce, teacher, kwargs = make_inputs(case, dtype, device)
     loss = topk_kd_loss(sf, ce, teacher, reduction=reduction, backend=backend, **kwargs)
     ref = topk_kd_loss_ref(sf, ce, teacher, reduction=reduction, **kwargs)
-    assert loss.dtype == torch.float32
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.isfinite(ref).all(), f"reference is not finite for {case}"
     vtol, gtol = TOL[dtype]
     assert_close(f"loss {case}", loss, ref, vtol)

@@ -266,7 +266,7 @@ _TEACHER_FIELDS = (
 
 
 class TopKKDFunction(torch.autograd.Function):
-    """Per-row loss ``[B]`` (fp32) with gradients for ``student_feats`` and ``class_embeds`` only."""
+    """Per-row loss ``[B]`` (fp32; fp64 for fp64 inputs) with gradients for ``student_feats`` and ``class_embeds``."""
 
     @staticmethod
     def forward(ctx, student_feats, class_embeds, p: Problem, impl):
@@ -301,7 +301,7 @@ class TopKKDFunction(torch.autograd.Function):
             ctx.problem, student_feats=sf, class_embeds=ce, **dict(zip(_TEACHER_FIELDS, rest[:n], strict=True))
         )
         slot_idx, slot_coef, a_u, a_1, a_w, lse_u, lse_1, lse_w = rest[n:]
-        g = grad_rows.float()
+        g = grad_rows.to(p.acc_dtype)
         dsf = dce = None
         if lse_u is not None or lse_1 is not None:
             dsf, dce = ctx.impl.dense_backward(p, g * a_u, g * a_1, g * a_w, lse_u, lse_1, lse_w, need_dsf, need_dce)
@@ -344,7 +344,7 @@ def topk_kd_loss(
     )
     if p.batch == 0:
         # Keeps the graph connected so backward gives zero gradients of the right shapes.
-        rows = (student_feats.float() @ class_embeds.float().T).sum(1) * 0.0
+        rows = (student_feats.to(p.acc_dtype) @ class_embeds.to(p.acc_dtype).T).sum(1) * 0.0
     else:
         dims = [student_feats.shape[1]] + ([p.teacher_feats.shape[1]] if p.form == FEATS else [])
         slots = p.k if p.form != TOPK else min(p.k or p.topk_indices.shape[1], p.topk_indices.shape[1])

@@ -2,6 +2,7 @@
 
 Never holds more than ``[B, CHUNK]`` logits (fp32) at once: forward keeps per-row running statistics and a running
 teacher top-k; backward recomputes each chunk's logits from the inputs. Extra memory O(B*k + B*CHUNK).
+"fp32" below means ``Problem.acc_dtype``: fp64 for fp64 inputs (only this backend takes them), so gradcheck works.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ def _chunks(n: int, size: int):
 
 def student_chunk(p: Problem, sf32: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
     """``s[:, c0:c1]`` in fp32 (upcast before the matmul: fp32 accumulation and fp32 output), masked classes -inf."""
-    s = (sf32 @ p.class_embeds[c0:c1].float().T) * p.logit_scale
+    s = (sf32 @ p.class_embeds[c0:c1].to(sf32.dtype).T) * p.logit_scale
     return _mask(p, s, c0, c1)
 
 
 def teacher_chunk(p: Problem, tf32: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor:
     """Teacher logits ``t[:, c0:c1]`` in fp32, masked classes -inf."""
     if p.form == LOGITS:
-        t = p.teacher_logits[:, c0:c1].float()
+        t = p.teacher_logits[:, c0:c1].to(p.acc_dtype)
     else:
-        t = (tf32 @ p.teacher_embeds[c0:c1].float().T) * p.logit_scale
+        t = (tf32 @ p.teacher_embeds[c0:c1].to(tf32.dtype).T) * p.logit_scale
     return _mask(p, t, c0, c1)
 
 
@@ -71,19 +72,19 @@ def stream(p: Problem, reducer=TorchReducer) -> Stats:
     (the ``cuda`` backend passes its warp-level kernel)."""
     B, C, T = p.batch, p.num_classes, p.temperature
     dev = p.student_feats.device
-    sf32 = p.student_feats.float()
-    tf32 = p.teacher_feats.float() if p.form == FEATS else None
+    sf32 = p.student_feats.to(p.acc_dtype)
+    tf32 = p.teacher_feats.to(p.acc_dtype) if p.form == FEATS else None
     need_teacher = p.form in (LOGITS, FEATS)
     full = p.full_teacher
     need_s = p.need_student_lse or p.need_ce
-    neg = torch.full((B,), NEG_INF, device=dev)
+    neg = torch.full((B,), NEG_INF, device=dev, dtype=p.acc_dtype)
     st = Stats()
     lse_u = neg.clone() if p.need_student_lse else None
     lse_1 = neg.clone() if p.need_ce else None
     if need_teacher and not full:
         top = reducer.topk_init(B, p.k, dev)
     if full:
-        m_w, l_w, acc = neg.clone(), torch.zeros(B, device=dev), torch.zeros(B, device=dev)
+        m_w, l_w, acc = neg.clone(), torch.zeros_like(neg), torch.zeros_like(neg)
     for c0, c1 in _chunks(C, CHUNK):
         s = student_chunk(p, sf32, c0, c1) if need_s else None
         if lse_u is not None:
@@ -112,7 +113,7 @@ def stream(p: Problem, reducer=TorchReducer) -> Stats:
     if full:
         has = l_w > 0
         st.lse_w = torch.where(has, m_w + torch.log(l_w), neg)
-        st.ew_diff = torch.where(has, acc / l_w.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(acc))
+        st.ew_diff = torch.where(has, acc / l_w.clamp_min(torch.finfo(l_w.dtype).tiny), torch.zeros_like(acc))
     return st
 
 
@@ -123,10 +124,11 @@ def _row_blocks(p: Problem, width: int):
 
 def gather(p: Problem, idx: torch.Tensor) -> torch.Tensor:
     """Student logits ``s[b, idx[b, j]]`` (fp32) without forming ``[B, C]``: ``[B, J]``."""
-    out = torch.empty(idx.shape, device=idx.device, dtype=torch.float32)
+    acc = p.acc_dtype
+    out = torch.empty(idx.shape, device=idx.device, dtype=acc)
     for r0, r1 in _row_blocks(p, idx.shape[1]):
-        rows = p.class_embeds[idx[r0:r1]].float()  # [b, J, E]
-        out[r0:r1] = torch.einsum("bje,be->bj", rows, p.student_feats[r0:r1].float()) * p.logit_scale
+        rows = p.class_embeds[idx[r0:r1]].to(acc)  # [b, J, E]
+        out[r0:r1] = torch.einsum("bje,be->bj", rows, p.student_feats[r0:r1].to(acc)) * p.logit_scale
     return out
 
 
@@ -134,10 +136,10 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
     """``ds = a_u*softmax(u) + a_1*softmax(s) - a_w*softmax(w)`` chunk by chunk (recomputed), returning fp32
     ``(d student_feats, d class_embeds)`` contributions (already times ``logit_scale``)."""
     T = p.temperature
-    sf32 = p.student_feats.float()
-    tf32 = p.teacher_feats.float() if p.form == FEATS else None
+    sf32 = p.student_feats.to(p.acc_dtype)
+    tf32 = p.teacher_feats.to(p.acc_dtype) if p.form == FEATS else None
     dsf = torch.zeros_like(sf32) if need_dsf else None
-    dce = torch.empty(p.class_embeds.shape, device=sf32.device, dtype=torch.float32) if need_dce else None
+    dce = torch.empty(p.class_embeds.shape, device=sf32.device, dtype=sf32.dtype) if need_dce else None
     for c0, c1 in _chunks(p.num_classes, CHUNK):
         s = student_chunk(p, sf32, c0, c1)
         ds = torch.zeros_like(s)
@@ -149,7 +151,7 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
             ds -= a_w[:, None] * torch.exp(teacher_chunk(p, tf32, c0, c1) / T - lse_w[:, None])
         ds *= p.logit_scale
         if dsf is not None:
-            dsf += ds @ p.class_embeds[c0:c1].float()
+            dsf += ds @ p.class_embeds[c0:c1].to(sf32.dtype)
         if dce is not None:
             dce[c0:c1] = ds.T @ sf32
     return dsf, dce
@@ -157,17 +159,17 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
 
 def sparse_backward(p, idx, coef, dsf, dce, need_dsf: bool, need_dce: bool):
     """Add ``ds[b, idx[b, j]] += coef[b, j]`` to the gradients without a dense ``ds``: returns ``(dsf, dce)`` fp32."""
-    sf32 = p.student_feats.float()
+    sf32 = p.student_feats.to(p.acc_dtype)
     if need_dsf and dsf is None:
         dsf = torch.zeros_like(sf32)
     if need_dce and dce is None:
-        dce = torch.zeros(p.class_embeds.shape, device=sf32.device, dtype=torch.float32)
+        dce = torch.zeros(p.class_embeds.shape, device=sf32.device, dtype=sf32.dtype)
     coef = coef * p.logit_scale
     E = sf32.shape[1]
     for r0, r1 in _row_blocks(p, idx.shape[1]):
         c, i = coef[r0:r1], idx[r0:r1]
         if dsf is not None:
-            dsf[r0:r1] += torch.einsum("bj,bje->be", c, p.class_embeds[i].float())
+            dsf[r0:r1] += torch.einsum("bj,bje->be", c, p.class_embeds[i].to(sf32.dtype))
         if dce is not None:
             dce.index_add_(0, i.reshape(-1), (c[:, :, None] * sf32[r0:r1, None, :]).reshape(-1, E))
     return dsf, dce

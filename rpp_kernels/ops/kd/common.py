@@ -10,8 +10,9 @@ Every backend computes the same four pieces, so this file holds the math once:
 4. backward: a dense part ``ds = a_u * softmax(u) + a_1 * softmax(s) - a_w * softmax(w)`` recomputed tile by tile and
    a sparse part (k coefficients per row, plus the label) scattered at the teacher's top-k indices.
 
-Notation per row: ``s = logit_scale * student_feats @ class_embeds.T`` (fp32), ``u = s / T``, teacher logits ``t``,
-``w = t / T``. Masked classes (``class_mask`` False) are ``-inf`` in both.
+Notation per row: ``s = logit_scale * student_feats @ class_embeds.T`` (fp32; fp64 for fp64 inputs, see
+``Problem.acc_dtype``), ``u = s / T``, teacher logits ``t``, ``w = t / T``. Masked classes (``class_mask`` False) are
+``-inf`` in both.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class Problem:
     @property
     def batch(self) -> int:
         return self.student_feats.shape[0]
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Dtype of logits, statistics and the loss: fp32, or fp64 for fp64 inputs (gradcheck, reference runs)."""
+        return torch.float64 if self.student_feats.dtype == torch.float64 else torch.float32
 
     @property
     def num_classes(self) -> int:
@@ -110,13 +116,15 @@ def unpack_keys(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return vals, idx
 
 
-def select_precomputed(indices: torch.Tensor, probs: torch.Tensor, k: int | None, mask: torch.Tensor | None):
-    """Slots of a precomputed top-k teacher: ``(idx [B, k'], probs fp32 [B, k'], valid [B, k'])``.
+def select_precomputed(
+    indices: torch.Tensor, probs: torch.Tensor, k: int | None, mask: torch.Tensor | None, dtype: torch.dtype
+):
+    """Slots of a precomputed top-k teacher: ``(idx [B, k'], probs [B, k'] in dtype, valid [B, k'])``.
 
     With ``k`` smaller than the cache's width the k most probable unmasked entries are kept (ties: lower class index).
     """
     idx = indices.long()
-    pr = probs.float()
+    pr = probs.to(dtype)
     valid = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask[idx]
     if k is not None and k < idx.shape[1]:
         by_index = torch.sort(idx, dim=1, stable=True).indices
@@ -152,9 +160,9 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
     B = p.batch
     dev = p.student_feats.device
     kdw = p.kd_weight * T
-    zeros = torch.zeros(B, device=dev, dtype=torch.float32)
+    zeros = torch.zeros(B, device=dev, dtype=p.acc_dtype)
     slot_idx = [torch.zeros(B, 0, dtype=torch.long, device=dev)]
-    slot_coef = [torch.zeros(B, 0, dtype=torch.float32, device=dev)]
+    slot_coef = [torch.zeros(B, 0, dtype=p.acc_dtype, device=dev)]
     a_u, a_1, a_w = zeros, zeros, zeros
     label_cols = 1 if p.need_ce else 0
     s_label = None
@@ -162,7 +170,7 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
     if p.full_teacher:
         has = torch.isfinite(stats.lse_w)
         kl = torch.where(has, stats.ew_diff - stats.lse_w + stats.lse_u, zeros)
-        a_u = kdw * has.float()
+        a_u = kdw * has.to(p.acc_dtype)
         a_w = a_u
         # exp(w - inf) = 0: rows with no teacher mass get no -softmax(w) term instead of exp(-inf + inf) = nan.
         lse_w_bwd = torch.where(has, stats.lse_w, torch.full_like(zeros, float("inf")))
@@ -170,10 +178,10 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
             s_label = gather(p.labels[:, None])[:, 0]
     else:
         if p.form == TOPK:
-            idx, pt, valid = select_precomputed(p.topk_indices, p.topk_probs, p.k, p.class_mask)
+            idx, pt, valid = select_precomputed(p.topk_indices, p.topk_probs, p.k, p.class_mask, p.acc_dtype)
             total = pt.sum(1, keepdim=True)
             has = total[:, 0] > 0
-            pt = torch.where(total > 0, pt / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(pt))
+            pt = torch.where(total > 0, pt / total.clamp_min(torch.finfo(pt.dtype).tiny), torch.zeros_like(pt))
             logp = torch.log(pt)
         else:
             idx = stats.top_idx
@@ -200,7 +208,7 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
             q = torch.where(valid & has[:, None], torch.exp(logq), torch.zeros_like(logq))
             coef = coef + kdw * q
         else:
-            a_u = kdw * has.float()
+            a_u = kdw * has.to(p.acc_dtype)
         slot_idx.append(idx)
         slot_coef.append(coef)
     rows = p.kd_weight * T * T * kl
@@ -208,5 +216,5 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
         rows = rows + p.ce_weight * (stats.lse_1 - s_label)
         a_1 = torch.full_like(zeros, p.ce_weight)
         slot_idx.append(p.labels[:, None])
-        slot_coef.append(torch.full((B, 1), -p.ce_weight, device=dev, dtype=torch.float32))
+        slot_coef.append(torch.full((B, 1), -p.ce_weight, device=dev, dtype=p.acc_dtype))
     return Epilogue(rows, torch.cat(slot_coef, 1), torch.cat(slot_idx, 1), a_u, a_1, a_w, lse_w_bwd)

@@ -28,14 +28,16 @@ def topk_kd_loss_ref(
     student_support: str = "full",
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Same contract as :func:`rpp_kernels.kd.topk_kd_loss` (no validation), computed densely in fp32.
+    """Same contract as :func:`rpp_kernels.kd.topk_kd_loss` (no validation), computed densely in fp32 (fp64 for fp64
+    inputs).
 
     student_feats: ``[B, E]``; class_embeds: ``[C, E]``; teacher: logits ``[B, C]``, ``(feats [B, Et], embeds [C, Et])``
     or ``(indices [B, k] int, probs [B, k])``. Returns the loss in fp32 (``[B]`` for ``reduction="none"``).
     """
+    acc = torch.float64 if student_feats.dtype == torch.float64 else torch.float32
     T = float(temperature)
     scale = float(logit_scale)
-    s = scale * (student_feats.float() @ class_embeds.float().T)  # [B, C]
+    s = scale * (student_feats.to(acc) @ class_embeds.to(acc).T)  # [B, C]
     B, C = s.shape
     neg = torch.full_like(s, float("-inf"))
     keep = torch.ones(C, dtype=torch.bool, device=s.device) if class_mask is None else class_mask
@@ -44,19 +46,19 @@ def topk_kd_loss_ref(
     if isinstance(teacher, (tuple, list)) and not teacher[0].is_floating_point():
         # Dense view of the cache: prob for unmasked entries, -1 for masked ones, -2 for classes not in the cache.
         idx = teacher[0].long()
-        given = torch.where(keep[idx], teacher[1].float(), torch.full_like(teacher[1], -1.0, dtype=torch.float32))
-        dense = torch.full((B, C), -2.0, device=s.device).scatter(1, idx, given)
+        given = torch.where(keep[idx], teacher[1].to(acc), torch.full_like(teacher[1], -1.0, dtype=acc))
+        dense = torch.full((B, C), -2.0, device=s.device, dtype=acc).scatter(1, idx, given)
         if k is not None and k < idx.shape[1]:
             _, idx = _topk_tie_low_index(dense, k)
         vals = dense.gather(1, idx)
         support = torch.zeros(B, C, dtype=torch.bool, device=s.device).scatter(1, idx, vals >= 0)
-        p_dense = torch.zeros(B, C, device=s.device).scatter(1, idx, vals.clamp_min(0))
-        p_dense = p_dense / p_dense.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        p_dense = torch.zeros(B, C, device=s.device, dtype=acc).scatter(1, idx, vals.clamp_min(0))
+        p_dense = p_dense / p_dense.sum(1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
     else:
         if isinstance(teacher, (tuple, list)):
-            t = scale * (teacher[0].float() @ teacher[1].float().T)
+            t = scale * (teacher[0].to(acc) @ teacher[1].to(acc).T)
         else:
-            t = teacher.float()
+            t = teacher.to(acc)
         t = torch.where(keep, t, neg)
         if k is None or k >= C:
             support = keep.expand(B, C)
