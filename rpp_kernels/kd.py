@@ -44,11 +44,13 @@ def topk_kd_loss(
     k: teacher ``softmax(t / T)`` is truncated to its top-k classes and renormalised; ``None`` (or ``k >= C``): the
       full distribution. Ties at the k-th value: the lower class index wins (``torch.topk`` promises no order).
     student_support: ``"full"`` softmax over all classes, or ``"topk"`` renormalised over the teacher's top-k (then,
-      with no labels, the other classes' student logits are never computed).
-    labels: ``[B]`` int; adds ``ce_weight * cross_entropy(s, labels)`` over all unmasked classes (``ce_weight != 0``
-      needs labels). class_mask: ``[C]`` bool, False removes a class from both distributions.
+      with no labels, the other classes' student logits are never computed). Top-k slots whose teacher logit is -inf
+      leave the support; with ``k >= C`` (or None) ``"topk"`` is ``"full"``, so every unmasked class stays in it.
+    labels: ``[B]`` int; adds ``ce_weight * cross_entropy(s, labels)`` over all unmasked classes, at temperature 1
+      (``ce_weight != 0`` needs labels). class_mask: ``[C]`` bool, False removes a class from both distributions (a
+      label on a removed class is an error).
     Returns the loss in float32 (float64 for float64 inputs): a scalar for ``reduction`` ``"mean"`` (over rows) /
-    ``"sum"``, ``[B]`` for ``"none"``.
+    ``"sum"``, ``[B]`` for ``"none"``; ``"mean"`` of an empty batch is nan, as ``torch.mean`` (backward gives zeros).
     A row whose teacher has no probability mass (every class masked or -inf) contributes no KD term.
 
     Equivalent PyTorch (``k < C``, logits teacher, ``student_support="full"``)::
