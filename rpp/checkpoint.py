@@ -76,6 +76,21 @@ def resolve_resume(resume: str, output: str) -> Path:
     return path
 
 
+def check_output_dir(out: Path, resume_from: Path | None) -> None:
+    """UserError unless `out` can take this run's checkpoints: a writable directory (or none yet) that holds no
+    checkpoint, except the one this run continues with --resume (a fresh run would replace a finished one)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a directory")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--output {out} is not writable")
+    existing = [name for name in (STATE_FILE, PROMPTS_FILE) if (out / name).exists()]
+    if existing and (resume_from is None or resume_from.resolve() != (out / STATE_FILE).resolve()):
+        raise UserError(
+            f"--output {out} already holds a checkpoint ({existing[0]}) that this run would overwrite: "
+            "continue it with --resume, or choose another --output"
+        )
+
+
 def load(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
     """torch.load on CPU with a one-line UserError for a missing or unreadable file."""
     path = Path(path)

@@ -69,7 +69,13 @@ class TrainConfig:
         default=None, metadata={"help": "where teacher class embeddings are cached (none = the method's default)"}
     )
     # run
-    output: str = field(default="runs/rpp-default", metadata={"help": "output directory (checkpoints, logs)"})
+    output: str = field(
+        default="runs/rpp-default",
+        metadata={
+            "help": "output directory (checkpoints, logs); one that holds a checkpoint is only continued (--resume), "
+            "never overwritten by a new run"
+        },
+    )
     max_steps: int | None = field(
         default=None, metadata={"help": "optimizer steps to run (none = --epochs passes over the data)"}
     )

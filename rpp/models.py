@@ -87,6 +87,8 @@ def load_clip(name: str, pretrained: str | None, *, role: str = "model") -> tupl
     state_dict = None
     if pretrained is not None:
         path = Path(pretrained).expanduser()
+        if path.is_dir():
+            raise UserError(f"{role}: {str(path)!r} is a directory, expected the weights file for model {name!r}")
         if not path.is_file():
             raise UserError(f"{role}: weights file {str(path)!r} for model {name!r} not found (expected a local file)")
         if _is_torchscript_archive(path):
@@ -104,7 +106,7 @@ def load_clip(name: str, pretrained: str | None, *, role: str = "model") -> tupl
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt or mismatched weights: report, don't trace back
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = type(exc).__name__ + (f": {str(exc).strip().splitlines()[0]}" if str(exc).strip() else "")
         raise UserError(f"{role}: cannot load weights {pretrained!r} into open_clip model {name!r}: {detail}") from exc
     model.eval().requires_grad_(False)
     return model, preprocess_train, preprocess_val

@@ -158,15 +158,25 @@ def train(argv: list[str] | None = None) -> int:
 
     tcfg, mcfg = parse([TrainConfig, MethodConfig], argv, prog="python -m rpp.train", description=DESCRIPTION)
     validate(tcfg)
+    out = Path(tcfg.output)
+    state_path = None if tcfg.resume is None else checkpoint.resolve_resume(tcfg.resume, tcfg.output)
+    checkpoint.check_output_dir(out, state_path)
     register_tiny_models()
     info = distributed.init()
-    out = Path(tcfg.output)
     log = print if info.is_main else (lambda *a, **k: None)
+    if info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --output {out}: {e.strerror}") from None
 
     spec = data.resolve(tcfg.data, tcfg.data_format, tcfg.classnames, tcfg.seed, tcfg.eval_data)
     cache = None
     if tcfg.teacher_cache is not None:
         cache = TeacherCache.open(tcfg.teacher_cache, spec)
+        if cache.meta["temperature"] != mcfg.temperature:
+            raise UserError(f"--teacher-cache {tcfg.teacher_cache} holds probabilities at temperature "
+                            f"{cache.meta['temperature']}, this run uses --temperature {mcfg.temperature}")  # fmt: skip
 
     seed_everything(tcfg.seed)  # identical prompt initialisation on every rank
     # Teacher class embeddings are cached on disk only for real weights (random test weights depend on the seed).
@@ -179,9 +189,11 @@ def train(argv: list[str] | None = None) -> int:
 
     step = 0
     state = None
-    if tcfg.resume is not None:
-        state_path = checkpoint.resolve_resume(tcfg.resume, tcfg.output)
+    if state_path is not None:
         state = checkpoint.load(state_path, "training state")
+        if not {"step", "train_config", "prompts", "optimizer", "rng"} <= set(state):
+            raise UserError(f"--resume: {state_path} is not a training state written by rpp.train (resume from the "
+                            f"{checkpoint.STATE_FILE} of a run directory)")  # fmt: skip
         step = state["step"]
         for key in RESUME_MUST_MATCH:
             before, now = state["train_config"].get(key), getattr(tcfg, key)
@@ -218,7 +230,6 @@ def train(argv: list[str] | None = None) -> int:
 
     metrics = None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"train": asdict(tcfg), "method": asdict(mcfg)}, indent=2))
         tb_dir = out / "tensorboard" if tcfg.tensorboard else None
         metrics = MetricsLog(out / "metrics.jsonl", tb_dir, truncate_after_step=step)
@@ -278,6 +289,10 @@ def _loop(tcfg, method, model, loader, cache, optimizer, scheduler, scaler, gene
             t0 = time.perf_counter()
             views, labels, indices, skipped = next(batches)
             t1 = time.perf_counter()
+            out_of_range = labels[(labels < 0) | (labels >= len(spec.classnames))]
+            if len(out_of_range):  # webdataset `cls` values are not checked against --classnames before this
+                raise UserError(f"class label {int(out_of_range[0])} in the data is out of range for the "
+                                f"{len(spec.classnames)} class names (check --classnames)")  # fmt: skip
             n_views = views.shape[1]
             images = views.flatten(0, 1).to(info.device, non_blocking=True)
             labels = labels.repeat_interleave(n_views).to(info.device, non_blocking=True)

@@ -95,6 +95,9 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     "args, message",
     [
         (["--pretrained", "{tmp}/corrupt.pt"], "cannot load weights"),
+        (["--pretrained", "{tmp}/notes.txt"], "'rpp-tiny': KeyError: "),  # not just the bare key of the KeyError
+        (["--output", "{tmp}/corrupt.pt"], "exists and is not a directory"),
+        (["--pretrained", "{tmp}"], "is a directory, expected the weights file"),
         (["--data-format", "zip"], "invalid value 'zip' for --data-format"),
         (["--resume", "--output", "{tmp}/empty"], "no training state"),
         (["--resume", "{tmp}/corrupt.pt"], "cannot read training state"),
@@ -103,6 +106,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 )
 def test_more_user_errors_in_process(tmp_path, capsys, args, message):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "notes.txt").write_text("hello\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert train.main(["--output", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -33,4 +33,9 @@ def test_resumable_build_matches_a_full_build_and_trains(tmp_path, capsys):
     assert train.main([*small, "--teacher-cache", str(full), "--output", str(out)]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert train.main([*small, "--teacher-cache", str(full), "--shots", "2", "--output", str(out / "fs")]) == 0
-    assert train.main([*small, "--teacher-cache", str(tmp_path / "none"), "--output", str(out)]) == 2
+    assert train.main([*small, "--teacher-cache", str(tmp_path / "none"), "--output", str(tmp_path / "r2")]) == 2
+    capsys.readouterr()
+    assert (
+        train.main([*small, "--teacher-cache", str(full), "--temperature", "2", "--output", str(tmp_path / "r3")]) == 2
+    )
+    assert "holds probabilities at temperature 1.0" in capsys.readouterr().err

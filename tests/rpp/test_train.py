@@ -118,22 +118,53 @@ def test_bf16_autocast_runs(tmp_path, precision):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _records(out))
 
 
-def test_train_on_webdataset_shards(tmp_path):
-    (tmp_path / "wds").mkdir()
-    for shard in range(2):
-        with tarfile.open(tmp_path / "wds" / f"{shard:06d}.tar", "w") as tar:
+def _write_shards(folder, shards: int, classes: int) -> None:
+    folder.mkdir()
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:06d}.tar", "w") as tar:
             for i in range(8):
                 jpg = io.BytesIO()
                 Image.new("RGB", (40, 40), (30 * i, 100, 50 * shard)).save(jpg, format="JPEG")
-                for ext, payload in (("jpg", jpg.getvalue()), ("cls", str(i % 3).encode())):
+                for ext, payload in (("jpg", jpg.getvalue()), ("cls", str(i % classes).encode())):
                     info = tarfile.TarInfo(f"{shard}_{i}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
+
+
+def test_train_on_webdataset_shards(tmp_path):
+    _write_shards(tmp_path / "wds", shards=2, classes=3)
     (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")
     out = tmp_path / "run"
     args = ["--data", str(tmp_path / "wds"), "--classnames", str(tmp_path / "names.txt"), "--epochs", "1"]
     assert train.main([*SMALL, *args, "--output", str(out)]) == 0
     assert [r["step"] for r in _records(out)] == [1, 2]  # 16 samples / batch 8, counted from the shards
+
+
+def test_webdataset_label_beyond_the_class_names_is_a_user_error(tmp_path, capsys):
+    _write_shards(tmp_path / "wds", shards=1, classes=4)
+    (tmp_path / "names.txt").write_text("red\ngreen\n")  # cls 2 and 3 have no name
+    args = ["--data", str(tmp_path / "wds"), "--classnames", str(tmp_path / "names.txt"), "--max-steps", "1"]
+    assert train.main([*SMALL, *args, "--output", str(tmp_path / "run")]) == 2
+    assert "class label 2 in the data is out of range for the 2 class names" in capsys.readouterr().err
+
+
+def test_a_finished_checkpoint_is_never_overwritten_by_another_run(tmp_path, capsys):
+    out, other = tmp_path / "run", tmp_path / "other"
+    args = [*SMALL, "--max-steps", "2", "--eval-batch-size", "192"]
+    assert train.main([*args, "--output", str(out)]) == 0
+    capsys.readouterr()
+    before = {name: (out / name).read_bytes() for name in (checkpoint.PROMPTS_FILE, checkpoint.STATE_FILE)}
+    assert train.main([*args, "--max-steps", "1", "--output", str(out)]) == 2  # fresh run, same --output
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert train.main([*args, "--output", str(other)]) == 0
+    assert train.main([*args, "--resume", str(other), "--output", str(out)]) == 2  # another run's state into it
+    assert train.main([*args, "--resume", "--output", str(out)]) == 0  # finished: continues nothing, writes nothing
+    assert before == {name: (out / name).read_bytes() for name in before}
+    capsys.readouterr()
+    assert train.main([*args, "--resume", str(out / checkpoint.PROMPTS_FILE), "--output", str(tmp_path / "r")]) == 2
+    assert "is not a training state written by rpp.train" in capsys.readouterr().err
+    assert train.main([*args, "--output", str(out / "config.json")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_ctrl_c_with_data_workers_saves_and_exits_130(tmp_path):
