@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -24,11 +25,21 @@ EVAL_FORMATS = tuple(f for f in DATA_FORMATS if f != "webdataset")
 
 @torch.no_grad()
 def evaluate(method, loader, device: torch.device, classnames: list[str] | None = None) -> dict:
-    """{"images": N, "learned": {"top1", "top5"}, "template": {"top1", "top5"}} (accuracies in %), summed over
-    ranks. `classnames` defaults to the method's classes."""
-    counts = torch.zeros(5, dtype=torch.float64, device=device)  # images, learned top1/top5, template top1/top5
+    """{"images": N, "skipped_images": S, "learned": {"top1", "top5"}, "template": {"top1", "top5"}} (accuracies
+    in %), summed over ranks; N counts the readable images, S the corrupt ones. `classnames` defaults to the
+    method's classes."""
+    # images, learned top1/top5, template top1/top5, corrupt images
+    counts = torch.zeros(6, dtype=torch.float64, device=device)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    for images, labels, _, _ in tqdm(loader, desc="eval", disable=not rank0, leave=False):
+    for images, labels, _, skipped in tqdm(loader, desc="eval", disable=not rank0, leave=False):
+        # An item with skipped > 0 stands in for a corrupt image with the next readable one, which is also evaluated
+        # at its own position: drop it so every readable image counts exactly once.
+        readable = skipped == 0
+        counts[5] += (~readable).sum()
+        if not readable.all():
+            images, labels = images[readable], labels[readable]
+        if not len(labels):
+            continue
         labels = labels.to(device)
         counts[0] += len(labels)
         for j, learned in enumerate((True, False)):
@@ -42,6 +53,7 @@ def evaluate(method, loader, device: torch.device, classnames: list[str] | None 
     pct = [100.0 * c / max(n, 1) for c in counts.tolist()]
     return {
         "images": n,
+        "skipped_images": int(counts[5].item()),
         "learned": {"top1": pct[1], "top5": pct[2]},
         "template": {"top1": pct[3], "top5": pct[4]},
     }
@@ -49,10 +61,11 @@ def evaluate(method, loader, device: torch.device, classnames: list[str] | None 
 
 def format_results(results: dict, what: str) -> str:
     learned, template = results["learned"], results["template"]
+    skipped = f"\n  skipped {results['skipped_images']} corrupt image(s)" if results.get("skipped_images") else ""
     return (
         f"zero-shot on {what}:\n"
         f"  learned prompts     top-1 {learned['top1']:6.2f}%  top-5 {learned['top5']:6.2f}%\n"
-        f"  'a photo of a {{}}.'  top-1 {template['top1']:6.2f}%  top-5 {template['top5']:6.2f}%"
+        f"  'a photo of a {{}}.'  top-1 {template['top1']:6.2f}%  top-5 {template['top5']:6.2f}%" + skipped
     )
 
 
@@ -96,6 +109,10 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError("--checkpoint is required (the prompts.pt a training run wrote)")
     if cfg.batch_size <= 0 or cfg.num_workers < 0:
         raise UserError("--batch-size must be positive and --num-workers >= 0")
+    if cfg.output is not None and Path(cfg.output).is_dir():
+        raise UserError(f"--output {cfg.output} is a directory: expected a JSON file path")
+    if cfg.output is not None and not Path(cfg.output).parent.is_dir():
+        raise UserError(f"--output {cfg.output}: directory {Path(cfg.output).parent} not found")
     path = checkpoint.prompts_path(cfg.checkpoint)
     ckpt = checkpoint.load(path, "prompt checkpoint")
     if "prompts" not in ckpt or "method_config" not in ckpt:

@@ -67,14 +67,20 @@ def test_eval_cli_on_an_image_folder(tmp_path, capsys):
     small = ["--batch-size", "8", "--num-workers", "0", "--max-steps", "2", "--eval-batch-size", "96"]
     assert train.main([*small, "--output", str(run)]) == 0
     folder = _tiny_folder(tmp_path / "val")
+    (folder / "red_circle" / "truncated.png").write_bytes((folder / "red_circle" / "0.png").read_bytes()[:40])
     (tmp_path / "names.txt").write_text("blue square\nred circle\n")
     out = tmp_path / "eval.json"
     args = ["--checkpoint", str(run), "--data", str(folder), "--classnames", str(tmp_path / "names.txt")]
     assert rpp_eval.main([*args, "--num-workers", "0", "--output", str(out)]) == 0
     assert "learned prompts" in capsys.readouterr().out
     results = json.loads(out.read_text())
-    assert results["images"] == 6 and results["classes"] == 2
+    assert results["images"] == 6 and results["skipped_images"] == 1 and results["classes"] == 2
     for kind in ("learned", "template"):
         assert 0 <= results[kind]["top1"] <= 100 and results[kind]["top5"] == 100.0  # 2 classes: top-5 is all
     assert rpp_eval.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "prompt checkpoint not found" in capsys.readouterr().err
+    # a bad --output is reported before evaluating, not as a traceback after it
+    assert rpp_eval.main([*args, "--num-workers", "0", "--output", str(tmp_path)]) == 2
+    assert rpp_eval.main([*args, "--num-workers", "0", "--output", str(tmp_path / "no" / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "directory" in err.splitlines()[1] and "Traceback" not in err
