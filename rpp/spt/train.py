@@ -9,7 +9,9 @@ With no ``--data``/``--weights`` it runs a built-in demo on CPU in well under tw
 generated coloured patterns (:func:`rpp.spt.data.synthetic_patterns`).
 
 Output directory (``--output``): ``prompts_head.pt`` (prompt tokens, head weights, class names, options; rewritten
-atomically after every epoch) and ``metrics.jsonl`` (one JSON object per epoch).
+atomically after every epoch) and ``metrics.jsonl`` (one JSON object per epoch). An ``--output`` that already holds a
+checkpoint is refused rather than overwritten. Exit codes: 0 done, 2 user error (one line), 3 non-finite loss or weights
+(the last checkpoint written is kept).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ INIT_CHOICES = ("vpt", *MODES)
 REAL_DEFAULTS = dict(num_prompts=20, epochs=100, batch_size=32, lr=1e-3, warmup_epochs=10.0, num_workers=4)
 DEMO_DEFAULTS = dict(num_prompts=8, epochs=8, batch_size=32, lr=1e-2, warmup_epochs=1.0, num_workers=0)
 DEMO_PER_CLASS = {"train": 64, "val": 32}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the trained weights stopped being finite: the run stops, the last saved checkpoint stays."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,6 +139,11 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value, ok in checks:
         if not ok:
             raise UserError(f"{name}: invalid value {value}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a directory")
+    if (out / CHECKPOINT_FILE).exists():  # a new run would replace that run's checkpoint after its first epoch
+        raise UserError(f"--output {out} already holds a checkpoint ({CHECKPOINT_FILE}): choose another --output")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     return args
@@ -310,7 +321,10 @@ def run(args: argparse.Namespace) -> dict:
     ema = EMA(trained, args.ema) if args.ema > 0 else None
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output {out}: {e.strerror}") from None
     ckpt_path, metrics_path = out / CHECKPOINT_FILE, out / METRICS_FILE
     metrics_path.write_text("")
     model.train()
@@ -320,6 +334,8 @@ def run(args: argparse.Namespace) -> dict:
         for images, labels in train_loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = F.cross_entropy(model(images), labels)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"loss is {loss.item()} at step {step + 1} (epoch {epoch})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -348,6 +364,8 @@ def run(args: argparse.Namespace) -> dict:
         )
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if not all(torch.isfinite(p).all() for p in trained.values()):
+            raise NonFiniteError(f"prompts or head became non-finite by step {step} (epoch {epoch})")
         save_checkpoint(ckpt_path, model, args, classes, {"epoch": epoch, "step": step, "ema": ema is not None})
         if ema is not None:
             ema.swap()
@@ -373,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rpp.spt: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"rpp.spt: error: {e}; stopping, the last checkpoint in {args.output} (if any) is kept", file=sys.stderr)
+        return 3
     finally:
         torch.set_num_threads(threads)
     return 0

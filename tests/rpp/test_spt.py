@@ -224,6 +224,24 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
+def test_cli_keeps_an_existing_checkpoint_and_stops_on_a_non_finite_loss(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--epochs", "1", "--max-steps", "1", "--init", "vpt", "--output", str(out)]) == 0
+    saved = (out / CHECKPOINT_FILE).read_bytes()
+    capsys.readouterr()
+    assert main(["--epochs", "1", "--max-steps", "1", "--init", "vpt", "--output", str(out)]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(["--output", str(out / CHECKPOINT_FILE)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert (out / CHECKPOINT_FILE).read_bytes() == saved
+    nan = tmp_path / "nan"
+    assert main(["--epochs", "2", "--lr", "1e30", "--init", "vpt", "--output", str(nan)]) == 3
+    assert "rpp.spt: error: loss is nan" in capsys.readouterr().err
+    if (nan / CHECKPOINT_FILE).exists():
+        ckpt = torch.load(nan / CHECKPOINT_FILE, weights_only=False)
+        assert ckpt["prompt_tokens"].isfinite().all() and ckpt["head"]["weight"].isfinite().all()
+
+
 def test_cli_demo_shallow_kmeans_ema_max_steps(tmp_path, capsys):
     out = tmp_path / "short"
     argv = ["--mode", "shallow", "--ema", "0.9", "--max-steps", "3", "--init-capacity", "100", "--output", str(out)]
