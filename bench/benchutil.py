@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -67,24 +68,30 @@ def time_quantiles(fn: Callable[[], object], device: torch.device, warmup: int =
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
-def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = (), keep: bool = True) -> int:
     """Bytes autograd saves for backward while running ``fn`` (each storage counted once).
 
     Tensors sharing storage with ``exclude`` (inputs, frozen weights, parameters) are not counted: they exist anyway.
+    ``keep=False`` counts without keeping what is saved (so a forward whose saved activations would not fit in memory
+    can still be counted exactly; ``fn`` must not run backward): a storage is counted again only after it was freed,
+    which the weak reference to its Python object (kept alive by PyTorch as long as the storage lives) tells.
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
+    seen: dict[int, weakref.ref] = {}
+    total = 0
 
     def pack(t: torch.Tensor):
+        nonlocal total
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in skip and ptr not in seen:
-            seen[ptr] = storage.nbytes()
-        return t
+        if ptr not in skip and (ptr not in seen or seen[ptr]() is None):
+            seen[ptr] = weakref.ref(storage)
+            total += storage.nbytes()
+        return t if keep else None
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values())
+    return total
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
