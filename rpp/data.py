@@ -21,6 +21,7 @@ import re
 import signal
 import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -494,12 +495,26 @@ def resolve(
         load = image_folder if fmt == "imagefolder" else imagenet21k_folder
         source, names = load(data, classnames)
         spec = DataSpec(fmt, names, source)
+    _warn_duplicate_names(spec.classnames)
     if eval_data is not None:
         load = imagenet21k_folder if infer_format(eval_data) == "imagenet21k" else image_folder
         spec.eval_source, eval_names = load(eval_data, classnames)
         if eval_names != spec.classnames:
             raise UserError(f"--eval-data {eval_data} has different classes than --data {data}")
     return spec
+
+
+def _warn_duplicate_names(names: list[str]) -> None:
+    """Same-named classes (real in ImageNet-21K: several synsets are called 'crane') get identical text features."""
+    counts = Counter(names)
+    repeated = [(name, n) for name, n in counts.items() if n > 1]
+    if repeated:
+        examples = ", ".join(f"{name!r} x{n}" for name, n in repeated[:3])
+        warnings.warn(
+            f"{len(repeated)} class name(s) occur more than once ({examples}{', ...' * (len(repeated) > 3)}): "
+            "those classes get identical text features, so zero-shot prompts cannot tell them apart",
+            stacklevel=2,
+        )
 
 
 def eval_loader(source, transform: Callable, batch_size: int, rank: int, world: int, num_workers: int) -> DataLoader:

@@ -5,7 +5,7 @@ The cache holds, for every image of a map-style dataset (imagefolder, imagenet21
 class ids and probabilities (softmax at --temperature over all classes, truncated to k and renormalised):
   DIR/indices.npy   int32   [N, k]   numpy memmaps (np.load(..., mmap_mode="r"))
   DIR/probs.npy     float16 [N, k]
-  DIR/meta.json     n, k, classes, teacher, temperature, dataset fingerprint
+  DIR/meta.json     n, k, classes, teacher, temperature, seed (random teachers), dataset fingerprint
   DIR/progress-<rank>.json   chunks of `--chunk` images already written (the progress markers)
 It is built resumably: chunks are written, flushed, then recorded in the rank's progress marker (atomic rename), so
 a killed run restarts at the first chunk it had not recorded. Under torchrun the chunks are shared out over ranks.
@@ -101,6 +101,8 @@ def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistI
         "n": n, "k": k, "chunk": cfg.chunk, "classes": len(spec.classnames), "fingerprint": spec.fingerprint(),
         "teacher": method.cfg.teacher, "teacher_pretrained": method.cfg.teacher_pretrained,
         "temperature": method.cfg.temperature,
+        # Random (test) teachers differ by seed; resuming a partial cache with another would mix two teachers.
+        "seed": None if method.cfg.teacher_pretrained else cfg.seed,
     }  # fmt: skip
     if info.is_main:
         folder.mkdir(parents=True, exist_ok=True)

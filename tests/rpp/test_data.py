@@ -82,6 +82,17 @@ def test_imagenet21k_tree_with_description_file_and_plain_names(tmp_path):
         data.imagenet21k_folder(str(root))
 
 
+def test_duplicate_class_names_warn(tmp_path):
+    root = _folder(tmp_path / "imgs", ["a", "b", "c"], per_class=1)
+    (tmp_path / "names.txt").write_text("crane\ncrane\nheron\n")
+    with pytest.warns(UserWarning, match=r"1 class name\(s\) occur more than once \('crane' x2\)"):
+        spec = data.resolve(str(root), "imagefolder", str(tmp_path / "names.txt"))
+    assert spec.classnames == ["crane", "crane", "heron"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.resolve(str(root), "imagefolder", None)
+
+
 def test_missing_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data path not found"):
         data.resolve(str(tmp_path / "nope"), "imagefolder", None)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -71,7 +72,8 @@ def test_eval_cli_on_an_image_folder(tmp_path, capsys):
     (tmp_path / "names.txt").write_text("blue square\nred circle\n")
     out = tmp_path / "eval.json"
     args = ["--checkpoint", str(run), "--data", str(folder), "--classnames", str(tmp_path / "names.txt")]
-    assert rpp_eval.main([*args, "--num-workers", "0", "--output", str(out)]) == 0
+    with pytest.warns(UserWarning, match="skipping corrupt image .*truncated.png"):
+        assert rpp_eval.main([*args, "--num-workers", "0", "--output", str(out)]) == 0
     assert "learned prompts" in capsys.readouterr().out
     results = json.loads(out.read_text())
     assert results["images"] == 6 and results["skipped_images"] == 1 and results["classes"] == 2

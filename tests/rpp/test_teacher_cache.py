@@ -27,6 +27,9 @@ def test_resumable_build_matches_a_full_build_and_trains(tmp_path, capsys):
     probs = np.load(full / "probs.npy").astype(np.float32)
     assert probs.shape == (384, 5) and np.allclose(probs.sum(1), 1.0, atol=1e-2)
     assert teacher_cache.main([*ARGS, "--output", str(full), "--topk", "3"]) == 2  # different cache in that folder
+    capsys.readouterr()
+    assert teacher_cache.main([*ARGS, "--output", str(partial), "--seed", "1"]) == 2  # another random teacher
+    assert "different seed" in capsys.readouterr().err
 
     out = tmp_path / "run"
     small = ["--batch-size", "8", "--num-workers", "0", "--max-steps", "2", "--log-every", "1"]
