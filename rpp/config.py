@@ -61,8 +61,8 @@ class TrainConfig:
     teacher_cache: str | None = field(
         default=None,
         metadata={
-            "help": "directory written by `python -m rpp.teacher_cache` for this --data: use its top-k "
-            "teacher labels instead of running the teacher online"
+            "help": "directory written by `python -m rpp.teacher_cache` for this --data (any format, webdataset "
+            "shards included, in the same order): use its top-k teacher labels instead of running the teacher online"
         },
     )
     cache_dir: str | None = field(

@@ -3,7 +3,10 @@
 Every dataset yields `(views, label, index, skipped)`:
   views:   [V, C, H, W] float, V augmented views of one image
   label:   int class index (into the class-name list)
-  index:   int position of the image in the full (not few-shot) dataset, -1 for webdataset streams
+  index:   int position of the image in the full (not few-shot) dataset; for webdataset streams the sample id
+           `shard * 2**32 + position` (shard: its number in the expanded --data list, in the order given; position:
+           the sample's place among that shard's samples in tar member order), see `sample_id`. A teacher cache maps
+           it to a row with its stored per-shard counts; corrupt samples are never yielded, so their ids are unused.
   skipped: int corrupt images skipped to produce this item (summed per batch and logged)
 
 Augmentation is seeded per (seed, epoch, index, view), not by worker RNG, so a batch depends only on the step that
@@ -336,17 +339,30 @@ def expand_shards(spec: str) -> list[str]:
     return shards
 
 
+SHARD_SHIFT = 32  # sample id = shard << SHARD_SHIFT | position: 4 billion samples per shard, 2**31 shards in int64
+
+
+def sample_id(shard: int, position: int) -> int:
+    """The `index` a webdataset stream yields for sample `position` of shard number `shard` (see the module doc)."""
+    return (shard << SHARD_SHIFT) | position
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member: the path before the first '.' of the file name, and the rest."""
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(directory, stem), ext
+
+
 def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a webdataset tar: members grouped by the path before the first '.' of
-    the file name, in file order."""
+    """(key, {extension: bytes}) per sample of a webdataset tar: consecutive file members with the same key, in file
+    order."""
     key, sample = None, {}
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            directory, name = os.path.split(member.name)
-            stem, _, ext = name.partition(".")
-            this = os.path.join(directory, stem)
+            this, ext = _member_key(member.name)
             if this != key and sample:
                 yield key, sample
                 sample = {}
@@ -354,6 +370,42 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             sample[ext.lower()] = tar.extractfile(member).read()
     if sample:
         yield key, sample
+
+
+def shard_samples(path: str) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(position, key, {extension: bytes}) per sample of one shard; an unreadable rest of the shard is warned about
+    and skipped (positions before it keep their meaning)."""
+    try:
+        for position, (key, sample) in enumerate(_tar_samples(path)):
+            yield position, key, sample
+    except (tarfile.TarError, OSError, EOFError) as e:
+        warnings.warn(f"skipping the rest of unreadable shard {path}: {e}", stacklevel=1)
+
+
+def shard_sample_counts(shards: list[str]) -> list[int]:
+    """Samples per shard, grouped exactly as `shard_samples` groups them, from the tar headers only (data is seeked
+    over, not read). An unreadable rest of a shard is warned about; its count stops there."""
+    counts = []
+    for shard in shards:
+        n, key = 0, None
+        try:
+            with tarfile.open(shard, "r") as tar:
+                for member in tar:
+                    this = _member_key(member.name)[0] if member.isfile() else key
+                    n, key = n + (this != key), this
+        except (tarfile.TarError, OSError, EOFError) as e:
+            warnings.warn(f"counting only the first {n} samples of unreadable shard {shard}: {e}", stacklevel=1)
+        counts.append(n)
+    return counts
+
+
+def decode_sample(key: str, sample: dict[str, bytes]) -> tuple[Image.Image, int] | None:
+    """(RGB image, label) of a webdataset sample, or None (with a warning) for a corrupt one."""
+    try:
+        return Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), int(sample["cls"].decode().strip())
+    except Exception as e:  # missing key or undecodable bytes: a corrupt sample
+        warnings.warn(f"skipping corrupt webdataset sample {key}: {type(e).__name__}: {e}", stacklevel=1)
+        return None
 
 
 def count_tar_samples(shards: list[str]) -> int:
@@ -366,7 +418,7 @@ def count_tar_samples(shards: list[str]) -> int:
 
 
 class WebDatasetStream(IterableDataset):
-    """Endless, deterministic stream of `(views, label, -1, skipped)` from webdataset shards with `jpg`/`cls`.
+    """Endless, deterministic stream of `(views, label, sample id, skipped)` from webdataset shards with `jpg`/`cls`.
 
     Pass p shuffles the shard list with (seed, p). Shards are split over the `world * workers` slots (node, then
     worker, as webdataset's split_by_node/split_by_worker); with fewer shards than slots, every slot reads all
@@ -390,26 +442,23 @@ class WebDatasetStream(IterableDataset):
         self.shards, self.transform, self.batch_size = shards, transform, batch_size
         self.rank, self.world, self.views, self.seed, self.start, self.buffer = rank, world, views, seed, start, buffer
 
-    def _slot_samples(self, slot: int, slots: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    def _slot_samples(self, slot: int, slots: int) -> Iterator[tuple[int, str, dict[str, bytes], int]]:
         for p in range(1 << 62):
-            shards = list(self.shards)
+            shards = list(enumerate(self.shards))  # (number in the given order, path): numbers make the sample ids
             random.Random(_seed("shards", self.seed, p)).shuffle(shards)
             by_shard = len(shards) >= slots
             mine = shards[slot::slots] if by_shard else shards
-            buffer: list[tuple[int, str, dict[str, bytes]]] = []
+            buffer: list[tuple[int, str, dict[str, bytes], int]] = []
             rng = random.Random(_seed("buffer", self.seed, p, slot))
             n = 0
-            for shard in mine:
-                try:
-                    for key, sample in _tar_samples(shard):
-                        n += 1
-                        if not by_shard and (n - 1) % slots != slot:
-                            continue
-                        buffer.append((p, key, sample))
-                        if len(buffer) >= self.buffer:
-                            yield buffer.pop(rng.randrange(len(buffer)))
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    warnings.warn(f"skipping the rest of unreadable shard {shard}: {e}", stacklevel=1)
+            for number, shard in mine:
+                for position, key, sample in shard_samples(shard):
+                    n += 1
+                    if not by_shard and (n - 1) % slots != slot:
+                        continue
+                    buffer.append((p, key, sample, sample_id(number, position)))
+                    if len(buffer) >= self.buffer:
+                        yield buffer.pop(rng.randrange(len(buffer)))
             rng.shuffle(buffer)
             yield from buffer
 
@@ -422,17 +471,16 @@ class WebDatasetStream(IterableDataset):
         worker = (worker + self.start) % workers
         done = max(0, (self.start - worker + workers - 1) // workers) * self.batch_size
         skipped = 0
-        for i, (p, key, sample) in enumerate(self._slot_samples(self.rank * workers + worker, self.world * workers)):
+        slots = self._slot_samples(self.rank * workers + worker, self.world * workers)
+        for i, (p, key, sample, index) in enumerate(slots):
             if i < done:
                 continue
-            try:
-                image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-                label = int(sample["cls"].decode().strip())
-            except Exception as e:  # missing key or undecodable bytes: a corrupt sample, skipped and counted
-                warnings.warn(f"skipping corrupt webdataset sample {key}: {type(e).__name__}: {e}", stacklevel=1)
+            decoded = decode_sample(key, sample)
+            if decoded is None:  # skipped and counted
                 skipped += 1
                 continue
-            yield seeded_views(image, self.transform, self.views, _seed(self.seed, p, key)), label, -1, skipped
+            image, label = decoded
+            yield seeded_views(image, self.transform, self.views, _seed(self.seed, p, key)), label, index, skipped
             skipped = 0
 
 
@@ -451,12 +499,16 @@ class DataSpec:
     eval_source: object | None = None
 
     def fingerprint(self) -> str:
-        """Identifies the image list and class list (checked when a teacher cache is used)."""
+        """Identifies the image list and class list (checked when a teacher cache is used). Shards count by file
+        name (not directory, so a moved shard set still matches), size and modification time, in the order given."""
         h = hashlib.sha256(repr(self.classnames).encode())
         if self.source is not None:
             h.update(str(len(self.source)).encode())
             for i in range(len(self.source)):
                 h.update(f"{self.source.describe(i)}:{self.source.labels[i]}\n".encode())
+        for shard in self.shards or []:
+            stat = os.stat(shard)
+            h.update(f"{os.path.basename(shard)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
 

@@ -1,14 +1,22 @@
 """Offline teacher soft labels: `python -m rpp.teacher_cache --data PATH --teacher ViT-L-14 --teacher-pretrained W
 --output DIR`, then train with `--teacher-cache DIR`.
 
-The cache holds, for every image of a map-style dataset (imagefolder, imagenet21k, builtin), the teacher's top-k
-class ids and probabilities (softmax at --temperature over all classes, truncated to k and renormalised):
+The cache holds, for every image of the dataset (imagefolder, imagenet21k, builtin or webdataset shards), the
+teacher's top-k class ids and probabilities (softmax at --temperature over all classes, truncated to k and
+renormalised):
   DIR/indices.npy   int32   [N, k]   numpy memmaps (np.load(..., mmap_mode="r"))
   DIR/probs.npy     float16 [N, k]
-  DIR/meta.json     n, k, classes, teacher, temperature, seed (random teachers), dataset fingerprint
-  DIR/progress-<rank>.json   chunks of `--chunk` images already written (the progress markers)
-It is built resumably: chunks are written, flushed, then recorded in the rank's progress marker (atomic rename), so
-a killed run restarts at the first chunk it had not recorded. Under torchrun the chunks are shared out over ranks.
+  DIR/meta.json     n, k, classes, teacher, temperature, seed (random teachers), dataset fingerprint; for webdataset
+                    also shards (file names, in the order given) and counts (samples per shard)
+  DIR/progress-<rank>.json   units already written (the progress markers): chunks of `--chunk` images of a
+                    map-style dataset, or whole shards of a webdataset
+Rows: image i of a map-style dataset is row i. A webdataset sample is row `offset of its shard + its position in the
+shard` (offsets = cumulative counts, taken once from the tar headers when the cache is created); the training stream
+yields `data.sample_id(shard, position)` and `TeacherCache.lookup` maps it to that row. A corrupt image's row stays
+zero: the data loaders skip it, so training never asks for it.
+It is built resumably: a unit is written, flushed, then recorded in the rank's progress marker (atomic rename), so a
+killed run restarts at the first unit it had not recorded. Under torchrun the units are shared out over ranks
+(unit u on rank u % world); within a rank, data workers read different shards.
 """
 
 from __future__ import annotations
@@ -22,14 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from rpp import data, distributed
 from rpp.config import DATA_FORMATS, parse
 from rpp.errors import UserError
-
-CACHE_FORMATS = tuple(f for f in DATA_FORMATS if f != "webdataset")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -38,106 +44,192 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _done_chunks(folder: Path) -> set[int]:
+def _done_units(folder: Path) -> set[int]:
     done: set[int] = set()
     for marker in folder.glob("progress-*.json"):
         done.update(json.loads(marker.read_text())["done"])
     return done
 
 
+def _units(meta: dict) -> tuple[int, str]:
+    """(progress units of the cache, their name): shards of a webdataset, else chunks of images."""
+    if "shards" in meta:
+        return len(meta["shards"]), "shards"
+    return math.ceil(meta["n"] / meta["chunk"]), "chunks"
+
+
 class TeacherCache:
-    """Read side, used by rpp.train: `lookup(indices [B]) -> (class ids [B, k] int64, probs [B, k] fp32)`."""
+    """Read side, used by rpp.train: `lookup(indices [B]) -> (class ids [B, k] int64, probs [B, k] fp32)`, where
+    indices are the data loader's (dataset positions, or webdataset sample ids)."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = folder, meta
         self.indices = np.load(folder / "indices.npy", mmap_mode="r")
         self.probs = np.load(folder / "probs.npy", mmap_mode="r")
+        self.counts = np.asarray(meta.get("counts", []), dtype=np.int64)
+        self.offsets = np.cumsum(self.counts) - self.counts
 
     @classmethod
     def open(cls, folder: str, spec: data.DataSpec) -> TeacherCache:
         path = Path(folder)
-        if spec.source is None:
-            raise UserError("--teacher-cache needs a map-style dataset (imagefolder, imagenet21k, builtin)")
         if not (path / "meta.json").is_file():
             raise UserError(f"--teacher-cache: no meta.json in {folder} (build it with python -m rpp.teacher_cache)")
         meta = json.loads((path / "meta.json").read_text())
         if meta["fingerprint"] != spec.fingerprint():
             raise UserError(f"--teacher-cache {folder} was built for different images or classes than --data")
-        missing = math.ceil(meta["n"] / meta["chunk"]) - len(_done_chunks(path))
+        units, name = _units(meta)
+        missing = units - len(_done_units(path))
         if missing:
-            raise UserError(f"--teacher-cache {folder} is incomplete ({missing} chunks left): rerun rpp.teacher_cache")
+            raise UserError(f"--teacher-cache {folder} is incomplete ({missing} {name} left): rerun rpp.teacher_cache")
         return cls(path, meta)
 
-    def lookup(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, indices: torch.Tensor) -> np.ndarray:
+        """Cache rows [B] of data-loader indices [B]."""
         idx = indices.numpy()
-        return torch.from_numpy(self.indices[idx].astype(np.int64)), torch.from_numpy(
-            self.probs[idx].astype(np.float32)
+        if "shards" not in self.meta:
+            return idx
+        shard, position = idx >> data.SHARD_SHIFT, idx & ((1 << data.SHARD_SHIFT) - 1)
+        beyond = position >= self.counts[shard]
+        if beyond.any():  # only if a shard's content changed while its size and modification time did not
+            s = int(shard[beyond][0])
+            raise UserError(f"--teacher-cache {self.folder}: shard {self.meta['shards'][s]} has more samples than the "
+                            f"{self.counts[s]} counted when the cache was built: rebuild the cache")  # fmt: skip
+        return self.offsets[shard] + position
+
+    def lookup(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows(indices)
+        return torch.from_numpy(self.indices[rows].astype(np.int64)), torch.from_numpy(
+            self.probs[rows].astype(np.float32)
         )
+
+
+class _ShardBatches(IterableDataset):
+    """`(images [b, C, H, W], rows [b], shard, False)` batches of webdataset shards `(number, path, offset)`, then
+    `(None, None, shard, True)` once a shard is fully read. Worker w of W reads shards w, w + W, ... so workers
+    decode different shards in parallel; a corrupt sample is warned about and its row left out."""
+
+    def __init__(self, shards: list[tuple[int, str, int]], transform, batch_size: int):
+        self.shards, self.transform, self.batch_size = shards, transform, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for number, path, offset in self.shards[worker::workers]:
+            images, rows = [], []
+            for position, key, sample in data.shard_samples(path):
+                decoded = data.decode_sample(key, sample)
+                if decoded is not None:
+                    images.append(self.transform(decoded[0]))
+                    rows.append(offset + position)
+                if len(rows) == self.batch_size:
+                    yield torch.stack(images), torch.tensor(rows), number, False
+                    images, rows = [], []
+            if rows:
+                yield torch.stack(images), torch.tensor(rows), number, False
+            yield None, None, number, True
+
+
+def _chunk_batches(spec: data.DataSpec, transform, chunks: list[int], cfg: CacheConfig):
+    """The same batches for chunks of `cfg.chunk` images of a map-style dataset."""
+    n = len(spec.source)
+    for c in chunks:
+        positions = list(range(c * cfg.chunk, min(n, (c + 1) * cfg.chunk)))
+        dataset = data.ViewsDataset(spec.source, transform, indices=positions)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            collate_fn=data.collate_single_view)  # fmt: skip
+        for images, _, idx, _ in loader:
+            # idx is the image actually loaded: a corrupt file's row stays empty, training never asks for it
+            yield images, idx, c, False
+        yield None, None, c, True
 
 
 @dataclass
 class CacheConfig:
-    data: str | None = field(default=None, metadata={"help": "dataset path; none = the built-in shapes dataset"})
-    data_format: str | None = field(
-        default=None, metadata={"help": "data layout; none = infer from --data", "choices": CACHE_FORMATS}
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "dataset path: image folder, ImageNet-21K synset tree, or webdataset shards (brace pattern, "
+            "directory of .tar or one .tar; rows follow the shards in the order given); none = the built-in "
+            "shapes dataset"
+        },
     )
-    classnames: str | None = field(default=None, metadata={"help": "class names file, as for rpp.train"})
+    data_format: str | None = field(
+        default=None, metadata={"help": "data layout; none = infer from --data", "choices": DATA_FORMATS}
+    )
+    classnames: str | None = field(
+        default=None, metadata={"help": "class names file, as for rpp.train (required for webdataset)"}
+    )
     output: str = field(default="runs/teacher-cache", metadata={"help": "cache directory (created or resumed)"})
     topk: int = field(default=32, metadata={"help": "teacher classes kept per image"})
-    chunk: int = field(default=4096, metadata={"help": "images per progress marker update"})
+    chunk: int = field(
+        default=4096,
+        metadata={"help": "images per progress marker update (map-style data; webdataset progress is per shard)"},
+    )
     batch_size: int = field(default=128, metadata={"help": "images per forward pass"})
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per rank"})
     seed: int = field(default=0, metadata={"help": "seed for random teacher weights (tiny test models only)"})
     max_chunks: int | None = field(
-        default=None, metadata={"help": "stop after this many chunks (a time-boxed partial build); none = all"}
+        default=None,
+        metadata={
+            "help": "stop after this many chunks, or shards for webdataset (a time-boxed partial build); none = all"
+        },
     )
 
 
 def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistInfo) -> int:
-    """Fill the cache; returns the number of chunks this rank wrote."""
+    """Fill the cache; returns the number of units (chunks or shards) this rank wrote."""
     folder = Path(cfg.output)
-    n, k = len(spec.source), min(cfg.topk, len(spec.classnames))
+    k = min(cfg.topk, len(spec.classnames))
     meta = {
-        "n": n, "k": k, "chunk": cfg.chunk, "classes": len(spec.classnames), "fingerprint": spec.fingerprint(),
+        "k": k, "classes": len(spec.classnames), "fingerprint": spec.fingerprint(),
         "teacher": method.cfg.teacher, "teacher_pretrained": method.cfg.teacher_pretrained,
         "temperature": method.cfg.temperature,
         # Random (test) teachers differ by seed; resuming a partial cache with another would mix two teachers.
         "seed": None if method.cfg.teacher_pretrained else cfg.seed,
     }  # fmt: skip
-    if info.is_main:
+    if spec.source is not None:
+        meta.update(n=len(spec.source), chunk=cfg.chunk)
+    if (folder / "meta.json").is_file():  # every rank checks, so none waits at the barrier for a refused build
+        old = json.loads((folder / "meta.json").read_text())
+        changed = sorted(key for key in meta if old.get(key) != meta[key])
+        if changed:
+            what = ", ".join("images or class names" if key == "fingerprint" else key for key in changed)
+            raise UserError(f"{folder} holds a cache with different {what}: use another --output")
+    elif info.is_main:
+        if spec.shards is not None:  # counted once; the fingerprint (sizes, mtimes) guards them afterwards
+            counts = data.shard_sample_counts(spec.shards)
+            meta.update(n=sum(counts), shards=[os.path.basename(s) for s in spec.shards], counts=counts)
         folder.mkdir(parents=True, exist_ok=True)
-        if (folder / "meta.json").is_file():
-            old = json.loads((folder / "meta.json").read_text())
-            if old != meta:
-                changed = sorted(key for key in meta if old.get(key) != meta[key])
-                raise UserError(f"{folder} holds a cache with different {', '.join(changed)}: use another --output")
-        else:
-            np.lib.format.open_memmap(folder / "indices.npy", "w+", np.int32, (n, k)).flush()
-            np.lib.format.open_memmap(folder / "probs.npy", "w+", np.float16, (n, k)).flush()
-            _write_json(folder / "meta.json", meta)  # last: its presence means the arrays exist
+        np.lib.format.open_memmap(folder / "indices.npy", "w+", np.int32, (meta["n"], k)).flush()
+        np.lib.format.open_memmap(folder / "probs.npy", "w+", np.float16, (meta["n"], k)).flush()
+        _write_json(folder / "meta.json", meta)  # last: its presence means the arrays exist
     distributed.barrier()
+    meta = json.loads((folder / "meta.json").read_text())
     indices = np.load(folder / "indices.npy", mmap_mode="r+")
     probs = np.load(folder / "probs.npy", mmap_mode="r+")
-    done = _done_chunks(folder)
-    chunks = math.ceil(n / cfg.chunk)
-    mine = [c for c in range(chunks) if c % info.world == info.rank and c not in done]
+    done = _done_units(folder)
+    units, name = _units(meta)
+    mine = [u for u in range(units) if u % info.world == info.rank and u not in done]
     if cfg.max_chunks is not None:
         mine = mine[: cfg.max_chunks]
+    if spec.shards is not None:
+        offsets = np.cumsum(meta["counts"]) - np.asarray(meta["counts"])
+        shards = _ShardBatches([(u, spec.shards[u], int(offsets[u])) for u in mine], method.preprocess_val,
+                               cfg.batch_size)  # fmt: skip
+        batches = DataLoader(shards, batch_size=None, num_workers=min(cfg.num_workers, len(mine)))
+    else:
+        batches = _chunk_batches(spec, method.preprocess_val, mine, cfg)
     marker = folder / f"progress-{info.rank}.json"
-    bar = tqdm(total=chunks, initial=len(done), desc="teacher cache", disable=not info.is_main)
-    for c in mine:
-        positions = list(range(c * cfg.chunk, min(n, (c + 1) * cfg.chunk)))
-        dataset = data.ViewsDataset(spec.source, method.preprocess_val, indices=positions)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            collate_fn=data.collate_single_view)  # fmt: skip
-        for images, _, idx, _ in loader:
+    bar = tqdm(total=units, initial=len(done), desc=f"teacher cache ({name})", disable=not info.is_main)
+    for images, rows, unit, finished in batches:
+        if not finished:
             top_idx, top_probs = method.teacher_topk(images, k)
-            # idx is the image actually loaded: a corrupt file's row stays empty, training never asks for it
-            indices[idx.numpy()] = top_idx.cpu().numpy().astype(np.int32)
-            probs[idx.numpy()] = top_probs.float().cpu().numpy().astype(np.float16)
+            indices[rows.numpy()] = top_idx.cpu().numpy().astype(np.int32)
+            probs[rows.numpy()] = top_probs.float().cpu().numpy().astype(np.float16)
+            continue
         indices.flush()
         probs.flush()
-        done.add(c)
+        done.add(unit)
         _write_json(marker, {"done": sorted(done)})
         bar.update(1)
     bar.close()
@@ -166,19 +258,18 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError("--teacher is required to build a teacher cache")
     register_tiny_models()
     info = distributed.init()
-    fmt = cfg.data_format or data.infer_format(cfg.data)
-    if fmt == "webdataset":
-        raise UserError("rpp.teacher_cache needs a map-style dataset (imagefolder, imagenet21k, builtin)")
-    spec = data.resolve(cfg.data, fmt, cfg.classnames, cfg.seed)
+    spec = data.resolve(cfg.data, cfg.data_format, cfg.classnames, cfg.seed)
     torch.manual_seed(cfg.seed)
     method = RPPMethod(mcfg, spec.classnames, info.device)
     wrote = build(cfg, method, spec, info)
     distributed.barrier()
     if info.is_main:
-        left = math.ceil(len(spec.source) / cfg.chunk) - len(_done_chunks(Path(cfg.output)))
-        state = "complete" if left == 0 else f"{left} chunks left (run again to continue)"
-        print(f"rpp.teacher_cache: {cfg.output}: {len(spec.source)} images, top-{min(cfg.topk, len(spec.classnames))}"
-              f"; wrote {wrote} chunk(s) on rank 0; {state}; config {json.dumps(asdict(cfg))}")  # fmt: skip
+        meta = json.loads((Path(cfg.output) / "meta.json").read_text())
+        units, name = _units(meta)
+        left = units - len(_done_units(Path(cfg.output)))
+        state = "complete" if left == 0 else f"{left} {name} left (run again to continue)"
+        print(f"rpp.teacher_cache: {cfg.output}: {meta['n']} images, top-{meta['k']}; wrote {wrote} {name} on "
+              f"rank 0; {state}; config {json.dumps(asdict(cfg))}")  # fmt: skip
     return 0
 
 
