@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None = None) -> int:
     from rpp.method import MethodConfig, RPPMethod, register_tiny_models
 
-    (cfg,) = parse([EvalConfig], argv, prog="python -m rpp.eval", description=__doc__.splitlines()[0])
+    (cfg,) = parse([EvalConfig], argv, prog="python -m rpp.eval", description=__doc__.split("\n\n")[0])
     if cfg.checkpoint is None:
         raise UserError("--checkpoint is required (the prompts.pt a training run wrote)")
     if cfg.batch_size <= 0 or cfg.num_workers < 0:

@@ -250,7 +250,7 @@ def run(argv: list[str] | None = None) -> int:
     from rpp.method import MethodConfig, RPPMethod, register_tiny_models
 
     cfg, mcfg = parse([CacheConfig, MethodConfig], argv, prog="python -m rpp.teacher_cache",
-                      description=__doc__.splitlines()[0])  # fmt: skip
+                      description=__doc__.split("\n\n")[0])  # fmt: skip
     for name in ("topk", "chunk", "batch_size"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
