@@ -96,15 +96,7 @@ def baseline_loss(method: RPPMethod, images, labels, generator) -> dict[str, tor
             image = encode_image_explicit(method.clip.visual, images, method.vision_prompts)
         else:
             image = method.clip.encode_image(images)
-        text = encode_text_naive(
-            method.clip,
-            names,
-            enc.ctx,
-            deep_ctx=enc.deep_ctx,
-            prompt_q=enc.prompt_q,
-            prompt_k=enc.prompt_k,
-            prompt_v=enc.prompt_v,
-        )
+        text = encode_text_naive(method.clip, names, **enc.prompt_parameters())
     image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
     logits = method.logit_scale() * image @ text.T
     correction = 0.0 if cfg.classes_per_step is None else local_correction(len(method.classnames), len(classes))

@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_thread():
+    """For tiny shapes, whose ops gain nothing from intra-op threads and only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

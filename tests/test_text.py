@@ -62,15 +62,7 @@ def perturb_prompts(enc: SharedPrefixTextEncoder, seed: int = 1) -> None:
 
 
 def naive(model: CLIP, enc: SharedPrefixTextEncoder, names: list[str]) -> torch.Tensor:
-    return encode_text_naive(
-        model,
-        names,
-        enc.ctx,
-        deep_ctx=enc.deep_ctx,
-        prompt_q=enc.prompt_q,
-        prompt_k=enc.prompt_k,
-        prompt_v=enc.prompt_v,
-    )
+    return encode_text_naive(model, names, **enc.prompt_parameters())
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-5) -> None:

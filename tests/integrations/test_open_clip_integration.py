@@ -6,14 +6,7 @@ from open_clip.transformer import VisionTransformer
 
 from rpp_kernels.integrations.open_clip import apply_vision_prompts, encode_image_explicit, remove_vision_prompts
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: intra-op threads only add contention
 
 
 def tiny_visual(ls_init_value=None, layers=3, seed=0):

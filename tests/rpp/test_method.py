@@ -13,13 +13,7 @@ from rpp.models import load_clip, register_tiny_models
 CLASSNAMES = [f"object number {i}" for i in range(24)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models' ops are far too small to gain from intra-op threads, which only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: intra-op threads only add contention
 
 
 def make(**overrides):
