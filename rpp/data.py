@@ -408,15 +408,6 @@ def decode_sample(key: str, sample: dict[str, bytes]) -> tuple[Image.Image, int]
         return None
 
 
-def count_tar_samples(shards: list[str]) -> int:
-    """Samples with a `cls` entry over all shards (reads tar headers only)."""
-    total = 0
-    for shard in shards:
-        with tarfile.open(shard, "r") as tar:
-            total += sum(1 for m in tar.getmembers() if m.isfile() and m.name.endswith(".cls"))
-    return total
-
-
 class WebDatasetStream(IterableDataset):
     """Endless, deterministic stream of `(views, label, sample id, skipped)` from webdataset shards with `jpg`/`cls`.
 
@@ -542,8 +533,6 @@ def resolve(
         names, _ = read_classnames(classnames)
         spec = DataSpec(fmt, names, shards=shards)
     else:
-        if not Path(data).exists():
-            raise UserError(f"data path not found: {data}")
         load = image_folder if fmt == "imagefolder" else imagenet21k_folder
         source, names = load(data, classnames)
         spec = DataSpec(fmt, names, source)

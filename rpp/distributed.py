@@ -6,10 +6,14 @@ Single process when WORLD_SIZE is unset or 1. Backend: NCCL when CUDA is availab
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from rpp.errors import EXIT_USER_ERROR, UserError
 
 
 @dataclass
@@ -67,3 +71,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     if not dist.is_initialized():
         return flag
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
+
+
+def cli_main(prog: str, run: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run a CLI: a UserError is one line on stderr and exit EXIT_USER_ERROR; the process group always ends."""
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        shutdown()

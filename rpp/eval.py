@@ -92,13 +92,7 @@ class EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except UserError as e:
-        print(f"rpp.eval: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
+    return distributed.cli_main("rpp.eval", run, argv)
 
 
 def run(argv: list[str] | None = None) -> int:

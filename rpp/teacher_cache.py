@@ -237,13 +237,7 @@ def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistI
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except UserError as e:
-        print(f"rpp.teacher_cache: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
+    return distributed.cli_main("rpp.teacher_cache", run, argv)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -34,7 +34,6 @@ from rpp.eval import evaluate, format_results
 from rpp.metrics_log import MetricsLog, peak_memory_mb
 from rpp.teacher_cache import TeacherCache
 
-EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
 RESUME_MUST_MATCH = ("data", "data_format", "shots", "shots_seed", "batch_size", "views", "seed")
 DESCRIPTION = (
@@ -144,13 +143,7 @@ def save(
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return train(argv)
-    except UserError as e:
-        print(f"rpp.train: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    finally:
-        distributed.shutdown()
+    return distributed.cli_main("rpp.train", train, argv)
 
 
 def train(argv: list[str] | None = None) -> int:
@@ -208,7 +201,7 @@ def train(argv: list[str] | None = None) -> int:
         num_workers=tcfg.num_workers, start=step, pin_memory=info.device.type == "cuda",
     )  # fmt: skip
     if batches_per_epoch is None and tcfg.max_steps is None:
-        n = data.count_tar_samples(spec.shards)
+        n = int(cache.counts.sum()) if cache is not None else sum(data.shard_sample_counts(spec.shards))
         batches_per_epoch = n // (tcfg.batch_size * info.world)
         if batches_per_epoch == 0:
             raise UserError(f"{n} webdataset samples are too few for batch size {tcfg.batch_size} x {info.world}")
