@@ -34,7 +34,6 @@ __all__ = ["TEXT_PROMPTS", "MethodConfig", "RPPMethod", "UserError", "register_t
 
 TEXT_PROMPTS = ("rpp", "pomp", "vpt-deep")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HAND_WRITTEN_TEMPLATE = "a photo of a {}."
 
 
 @dataclass
@@ -296,7 +295,7 @@ class RPPMethod(nn.Module):
     def hand_written_text_features(self, classnames: list[str]) -> torch.Tensor:
         """Unit-norm text features ``[C, E]`` of ``"a photo of a {}."`` through the frozen student."""
         with self._autocast():
-            return encode_class_names(self.clip, self.tokenizer, classnames, (HAND_WRITTEN_TEMPLATE,), self.device)
+            return encode_class_names(self.clip, self.tokenizer, classnames, TEMPLATES["single"], self.device)
 
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp().detach().float()
@@ -332,7 +331,6 @@ class RPPMethod(nn.Module):
         classes) and ``num_classes`` (the step's class count).
         """
         cfg = self.cfg
-        labels = labels.to(self.device, non_blocking=True)
         need_teacher = cfg.kd_weight > 0
         teacher_feats = None
         if need_teacher and teacher_topk is None:

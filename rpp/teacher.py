@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+from rpp.checkpoint import atomic_save
 from rpp.errors import UserError
 from rpp.models import load_clip
 
@@ -94,10 +95,7 @@ class Teacher:
         tokenizer = open_clip.get_tokenizer(model_name)
         embeds = encode_class_names(self.model, tokenizer, classnames, templates, self.device)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(embeds.cpu(), tmp)
-            os.replace(tmp, path)  # atomic: concurrent ranks or an interrupted run never leave a torn file
+            atomic_save(embeds.cpu(), path)  # concurrent ranks or an interrupted run never leave a torn file
         return embeds
 
     @torch.no_grad()

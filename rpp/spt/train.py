@@ -334,15 +334,16 @@ def run(args: argparse.Namespace) -> dict:
         for images, labels in train_loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = F.cross_entropy(model(images), labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"loss is {loss.item()} at step {step + 1} (epoch {epoch})")
+            loss_value = loss.item()  # the step's one host sync
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"loss is {loss_value} at step {step + 1} (epoch {epoch})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             if ema is not None:
                 ema.update()
-            loss_sum, seen, step = loss_sum + loss.item() * len(labels), seen + len(labels), step + 1
+            loss_sum, seen, step = loss_sum + loss_value * len(labels), seen + len(labels), step + 1
             if step >= total:
                 break
         if ema is not None:
