@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import platform
 
 import torch
 
 from rpp_kernels import _dispatch
-
-OP_MODULES = ["rpp_kernels.attention", "rpp_kernels.kd", "rpp_kernels.text"]
 
 
 def _version(module: str) -> str:
@@ -21,10 +18,7 @@ def _version(module: str) -> str:
 
 
 def report() -> str:
-    for module in OP_MODULES:
-        with contextlib.suppress(ImportError):  # an op whose dependencies are missing is simply not listed
-            importlib.import_module(module)
-    import rpp_kernels
+    import rpp_kernels  # registers every op's backends
 
     lines = [
         f"rpp_kernels {rpp_kernels.__version__}",

@@ -326,10 +326,9 @@ class SharedPrefixTextEncoder(nn.Module):
     def _prefix_pass(self, states: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Run ``[SOS, ctx]`` once (batch 1, causal) and return each layer's prefix keys/values ``([H, P, D], ...)``."""
         dtype = self.transformer.get_cast_dtype()
-        pos = self.positional_embedding.to(dtype)
         p = 1 + self.n_ctx
         sos = self.token_embedding.weight[self._sot].to(dtype)
-        h = torch.cat([sos[None], self.ctx.to(dtype)]) + pos[:p]
+        h = torch.cat([sos[None], self.ctx.to(dtype)]) + self.positional_embedding[:p].to(dtype)
         h = h[None]  # [1, P, W]
         blocks = self.transformer.resblocks
         kv = []
@@ -359,7 +358,7 @@ class SharedPrefixTextEncoder(nn.Module):
         """ids ``[c, L]`` (each ending in EOT), prefix ``k, v`` per layer (flattened) -> features ``[c, embed_dim]``."""
         dtype = self.transformer.get_cast_dtype()
         p, length = 1 + self.n_ctx, ids.shape[1]
-        x = self.token_embedding(ids).to(dtype) + self.positional_embedding.to(dtype)[p : p + length]
+        x = self.token_embedding(ids).to(dtype) + self.positional_embedding[p : p + length].to(dtype)
         blocks = self.transformer.resblocks
         for layer, blk in enumerate(blocks):
             attn = blk.attn

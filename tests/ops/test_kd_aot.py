@@ -40,6 +40,7 @@ def _configs(full: bool):
     bucket in every dtype; ``full=False``: the largest configs of each kernel in bf16 and fp32."""
     import torch
 
+    from rpp_kernels.ops._triton import dot_precision
     from rpp_kernels.ops.kd import TRITON_MAX_DIM
     from rpp_kernels.ops.kd import triton as kt
     from rpp_kernels.ops.kd.common import FEATS
@@ -67,7 +68,7 @@ def _configs(full: bool):
             idx_ptr="*i64",
             out_ptr="*fp32",
         )
-        precision = kt._precision(torch_dtype)
+        precision = dot_precision(torch_dtype)
         for k in (None, 1, 16, 32, 64, 100, 128) if full else (None, 128):
             cfg = kt._fwd_config(SimpleNamespace(k=k), topk=k is not None)
             warps = cfg.pop("num_warps")

@@ -23,15 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from rpp_kernels.ops._triton import dot_precision
+
 LOG2E = 1.4426950408889634
 # Row blocks for short sequences shrink to the next power of two (>= 16, the smallest tl.dot tile) so the text shape
 # (N = 16) does not compute 128-row tiles of padding; every value here is compiled ahead of time by the tests.
 ROW_BLOCKS = (16, 32, 64, 128)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs would otherwise go through TF32 tensor cores (10-bit mantissa) and miss the fp32 tolerance.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _row_block(n: int, cap: int) -> int:
@@ -563,7 +560,7 @@ def prompt_attention_fwd(
         o.stride(0), o.stride(1), o.stride(2),
         heads, n_q, n_k, n_prefix, qk_scale,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return o, lse
 
@@ -599,14 +596,16 @@ def prompt_attention_bwd(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dpk = dpv = None
-    if prefix_k is not None:
-        dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    if prefix_k is not None:  # written whole below (the kernel's partial sums are copied in)
+        dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if batch * heads == 0 or n_q == 0:
+        if dpk is not None:
+            dpk.zero_(), dpv.zero_()
         return dq.zero_(), dk.zero_(), dv.zero_(), dpk, dpv
     sm_scale, qk_scale = _scales(head_dim, softmax_scale)
     block_d = triton.next_power_of_2(head_dim)
     cfg = bwd_config(q.dtype, block_d)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     block_m = _row_block(n_q, cfg["BLOCK_M"])
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
@@ -637,7 +636,7 @@ def prompt_attention_bwd(
             batch, heads, n_q, n_prefix, splits, qk_scale, sm_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_p, DOT_PRECISION=precision, **launch,
         )  # fmt: skip
-        if prefix_batch == batch and batch > 1:
+        if prefix_batch == batch:
             dpk.copy_(part_k.view(dpk.shape))
             dpv.copy_(part_v.view(dpv.shape))
         else:
@@ -728,6 +727,6 @@ def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nu
         x, weight, weight if bias is None else bias.contiguous(), out,
         x.stride(0), x.stride(1), weight.stride(0), n_rows, n_tokens, num_heads, embed,
         HAS_BIAS=bias is not None, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

@@ -22,10 +22,11 @@ def _chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def student_chunk(p: Problem, sf32: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-    """``s[:, c0:c1]`` in fp32 (upcast before the matmul: fp32 accumulation and fp32 output), masked classes -inf."""
-    s = (sf32 @ p.class_embeds[c0:c1].to(sf32.dtype).T) * p.logit_scale
-    return _mask(p, s, c0, c1)
+def student_chunk(p: Problem, sf32: torch.Tensor, ce32: torch.Tensor, c0: int) -> torch.Tensor:
+    """``s[:, c0:c0 + len(ce32)]`` from the upcast class-embedding chunk ``ce32`` (fp32 accumulation and output),
+    masked classes -inf."""
+    s = (sf32 @ ce32.T) * p.logit_scale
+    return _mask(p, s, c0, c0 + ce32.shape[0])
 
 
 def teacher_chunk(p: Problem, tf32: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor:
@@ -86,7 +87,7 @@ def stream(p: Problem, reducer=TorchReducer) -> Stats:
     if full:
         m_w, l_w, acc = neg.clone(), torch.zeros_like(neg), torch.zeros_like(neg)
     for c0, c1 in _chunks(C, CHUNK):
-        s = student_chunk(p, sf32, c0, c1) if need_s else None
+        s = student_chunk(p, sf32, p.class_embeds[c0:c1].to(sf32.dtype), c0) if need_s else None
         if lse_u is not None:
             lse_u = reducer.lse(lse_u, s, 1.0 / T)
         if lse_1 is not None:
@@ -141,7 +142,8 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
     dsf = torch.zeros_like(sf32) if need_dsf else None
     dce = torch.empty(p.class_embeds.shape, device=sf32.device, dtype=sf32.dtype) if need_dce else None
     for c0, c1 in _chunks(p.num_classes, CHUNK):
-        s = student_chunk(p, sf32, c0, c1)
+        ce32 = p.class_embeds[c0:c1].to(sf32.dtype)
+        s = student_chunk(p, sf32, ce32, c0)
         ds = torch.zeros_like(s)
         if lse_u is not None:
             ds += a_u[:, None] * torch.exp(s / T - lse_u[:, None])
@@ -151,7 +153,7 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
             ds -= a_w[:, None] * torch.exp(teacher_chunk(p, tf32, c0, c1) / T - lse_w[:, None])
         ds *= p.logit_scale
         if dsf is not None:
-            dsf += ds @ p.class_embeds[c0:c1].to(sf32.dtype)
+            dsf += ds @ ce32
         if dce is not None:
             dce[c0:c1] = ds.T @ sf32
     return dsf, dce

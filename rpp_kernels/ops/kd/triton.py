@@ -28,16 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from rpp_kernels.ops._triton import dot_precision
 from rpp_kernels.ops.kd.common import FEATS, LOGITS, Problem, Stats, unpack_keys
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products (the reference's numbers); fp16/bf16: tensor cores with fp32 accumulation.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -286,7 +282,7 @@ def stream(p: Problem) -> Stats:
         TEACHER=teacher,
         FULL=full,
         HAS_MASK=p.class_mask is not None,
-        PRECISION=_precision(sf.dtype),
+        PRECISION=dot_precision(sf.dtype),
         **cfg,
     )
     st = Stats(lse_u=out["lse_u"] if p.need_student_lse else None, lse_1=out["lse_1"] if p.need_ce else None)
@@ -507,7 +503,7 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
         FULL=lse_w is not None,
         TEACHER={LOGITS: 1, FEATS: 2}.get(p.form, 0),
         HAS_MASK=p.class_mask is not None,
-        PRECISION=_precision(sf.dtype),
+        PRECISION=dot_precision(sf.dtype),
     )
     args = (sf, ce, t, tf, tce, mask, coef)
     sizes = (B, C, E, et, p.logit_scale, 1.0 / p.temperature)
