@@ -322,16 +322,59 @@ def gather(p: Problem, idx: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _load_coefs(coef_ptr, offs_b, mask_b, B):
+    """The six per-row backward coefficients of rows ``offs_b`` from ``coef`` [6, B]."""
+    a_u = tl.load(coef_ptr + offs_b, mask=mask_b, other=0.0)
+    a_1 = tl.load(coef_ptr + B + offs_b, mask=mask_b, other=0.0)
+    a_w = tl.load(coef_ptr + 2 * B + offs_b, mask=mask_b, other=0.0)
+    lse_u = tl.load(coef_ptr + 3 * B + offs_b, mask=mask_b, other=0.0)
+    lse_1 = tl.load(coef_ptr + 4 * B + offs_b, mask=mask_b, other=0.0)
+    lse_w = tl.load(coef_ptr + 5 * B + offs_b, mask=mask_b, other=0.0)
+    return a_u, a_1, a_w, lse_u, lse_1, lse_w
+
+
+@triton.jit
 def _dense_ds(
-    s, w, a_u, a_1, a_w, lse_u, lse_1, lse_w, inv_t, LSE_U: tl.constexpr, LSE_1: tl.constexpr, FULL: tl.constexpr
+    x,
+    w_emb,
+    tx,
+    t_emb,
+    t_ptr,
+    offs_b,
+    offs_c,
+    valid,
+    C,
+    a_u,
+    a_1,
+    a_w,
+    lse_u,
+    lse_1,
+    lse_w,
+    scale,
+    inv_t,
+    LSE_U: tl.constexpr,
+    LSE_1: tl.constexpr,
+    FULL: tl.constexpr,
+    TEACHER: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """d row / d s on a tile: ``a_u softmax(s/T) + a_1 softmax(s) - a_w softmax(t/T)`` (masked entries are -inf: 0)."""
+    """d row / d s on one (rows, classes) tile, logits recomputed from the loaded operands (``tx``/``t_emb``: the
+    teacher's, read only for a full feats teacher): ``a_u softmax(s/T) + a_1 softmax(s) - a_w softmax(t/T)``
+    (masked entries are -inf: 0)."""
+    s = tl.dot(x, tl.trans(w_emb), input_precision=PRECISION) * scale
+    s = tl.where(valid, s, float("-inf"))
     ds = tl.zeros(s.shape, tl.float32)
     if LSE_U:
         ds += a_u[:, None] * tl.exp(s * inv_t - lse_u[:, None])
     if LSE_1:
         ds += a_1[:, None] * tl.exp(s - lse_1[:, None])
     if FULL:
+        if TEACHER == 1:
+            w = tl.load(t_ptr + offs_b[:, None] * C + offs_c[None, :], mask=valid, other=float("-inf"))
+            w = w.to(tl.float32)
+        else:
+            w = tl.dot(tx, tl.trans(t_emb), input_precision=PRECISION) * scale
+        w = tl.where(valid, w, float("-inf"))
         ds -= a_w[:, None] * tl.exp(w * inv_t - lse_w[:, None])
     return ds
 
@@ -369,13 +412,9 @@ def _kd_bwd_dx_kernel(
     mask_b = offs_b < B
     offs_e = tl.arange(0, E_PAD)
     mask_e = offs_e < E
-    a_u = tl.load(coef_ptr + offs_b, mask=mask_b, other=0.0)
-    a_1 = tl.load(coef_ptr + B + offs_b, mask=mask_b, other=0.0)
-    a_w = tl.load(coef_ptr + 2 * B + offs_b, mask=mask_b, other=0.0)
-    lse_u = tl.load(coef_ptr + 3 * B + offs_b, mask=mask_b, other=0.0)
-    lse_1 = tl.load(coef_ptr + 4 * B + offs_b, mask=mask_b, other=0.0)
-    lse_w = tl.load(coef_ptr + 5 * B + offs_b, mask=mask_b, other=0.0)
+    a_u, a_1, a_w, lse_u, lse_1, lse_w = _load_coefs(coef_ptr, offs_b, mask_b, B)
     x = tl.load(sf_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask_b[:, None] & mask_e[None, :], other=0.0)
+    tx = x  # a stand-in, never read, unless the teacher is full feats
     if TEACHER == 2 and FULL:
         offs_f = tl.arange(0, ET_PAD)
         mask_f = offs_f < ET
@@ -390,20 +429,13 @@ def _kd_bwd_dx_kernel(
         w_emb = tl.load(
             ce_ptr + offs_c[:, None] * E + offs_e[None, :], mask=mask_c[:, None] & mask_e[None, :], other=0.0
         )
-        s = tl.dot(x, tl.trans(w_emb), input_precision=PRECISION) * scale
-        s = tl.where(valid, s, float("-inf"))
-        w = s
-        if FULL:
-            if TEACHER == 1:
-                w = tl.load(t_ptr + offs_b[:, None] * C + offs_c[None, :], mask=valid, other=float("-inf"))
-                w = w.to(tl.float32)
-            else:
-                t_emb = tl.load(
-                    tce_ptr + offs_c[:, None] * ET + offs_f[None, :], mask=mask_c[:, None] & mask_f[None, :], other=0.0
-                )
-                w = tl.dot(tx, tl.trans(t_emb), input_precision=PRECISION) * scale
-            w = tl.where(valid, w, float("-inf"))
-        ds = _dense_ds(s, w, a_u, a_1, a_w, lse_u, lse_1, lse_w, inv_t, LSE_U, LSE_1, FULL)
+        t_emb = w_emb
+        if TEACHER == 2 and FULL:
+            t_emb = tl.load(
+                tce_ptr + offs_c[:, None] * ET + offs_f[None, :], mask=mask_c[:, None] & mask_f[None, :], other=0.0
+            )
+        ds = _dense_ds(x, w_emb, tx, t_emb, t_ptr, offs_b, offs_c, valid, C, a_u, a_1, a_w, lse_u, lse_1, lse_w,
+                       scale, inv_t, LSE_U, LSE_1, FULL, TEACHER, PRECISION)  # fmt: skip
         acc = tl.dot(ds.to(w_emb.dtype), w_emb, acc, input_precision=PRECISION)
     tl.store(dx_ptr + offs_b[:, None] * E + offs_e[None, :], acc * scale, mask=mask_b[:, None] & mask_e[None, :])
 
@@ -445,6 +477,7 @@ def _kd_bwd_dw_kernel(
     offs_e = tl.arange(0, E_PAD)
     mask_e = offs_e < E
     w_emb = tl.load(ce_ptr + offs_c[:, None] * E + offs_e[None, :], mask=mask_c[:, None] & mask_e[None, :], other=0.0)
+    t_emb = w_emb  # a stand-in, never read, unless the teacher is full feats
     if TEACHER == 2 and FULL:
         offs_f = tl.arange(0, ET_PAD)
         mask_f = offs_f < ET
@@ -456,27 +489,15 @@ def _kd_bwd_dw_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
         valid = mask_b[:, None] & mask_c[None, :]
-        a_u = tl.load(coef_ptr + offs_b, mask=mask_b, other=0.0)
-        a_1 = tl.load(coef_ptr + B + offs_b, mask=mask_b, other=0.0)
-        a_w = tl.load(coef_ptr + 2 * B + offs_b, mask=mask_b, other=0.0)
-        lse_u = tl.load(coef_ptr + 3 * B + offs_b, mask=mask_b, other=0.0)
-        lse_1 = tl.load(coef_ptr + 4 * B + offs_b, mask=mask_b, other=0.0)
-        lse_w = tl.load(coef_ptr + 5 * B + offs_b, mask=mask_b, other=0.0)
+        a_u, a_1, a_w, lse_u, lse_1, lse_w = _load_coefs(coef_ptr, offs_b, mask_b, B)
         x = tl.load(sf_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask_b[:, None] & mask_e[None, :], other=0.0)
-        s = tl.dot(x, tl.trans(w_emb), input_precision=PRECISION) * scale
-        s = tl.where(valid, s, float("-inf"))
-        w = s
-        if FULL:
-            if TEACHER == 1:
-                w = tl.load(t_ptr + offs_b[:, None] * C + offs_c[None, :], mask=valid, other=float("-inf"))
-                w = w.to(tl.float32)
-            else:
-                tx = tl.load(
-                    tf_ptr + offs_b[:, None] * ET + offs_f[None, :], mask=mask_b[:, None] & mask_f[None, :], other=0.0
-                )
-                w = tl.dot(tx, tl.trans(t_emb), input_precision=PRECISION) * scale
-            w = tl.where(valid, w, float("-inf"))
-        ds = _dense_ds(s, w, a_u, a_1, a_w, lse_u, lse_1, lse_w, inv_t, LSE_U, LSE_1, FULL)
+        tx = x
+        if TEACHER == 2 and FULL:
+            tx = tl.load(
+                tf_ptr + offs_b[:, None] * ET + offs_f[None, :], mask=mask_b[:, None] & mask_f[None, :], other=0.0
+            )
+        ds = _dense_ds(x, w_emb, tx, t_emb, t_ptr, offs_b, offs_c, valid, C, a_u, a_1, a_w, lse_u, lse_1, lse_w,
+                       scale, inv_t, LSE_U, LSE_1, FULL, TEACHER, PRECISION)  # fmt: skip
         acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc, input_precision=PRECISION)
     tl.store(dw_ptr + offs_c[:, None] * E + offs_e[None, :], acc * scale, mask=in_range[:, None] & mask_e[None, :])
 
