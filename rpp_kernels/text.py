@@ -86,6 +86,13 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def residual_tail(blk: ResidualAttentionBlock, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of an open_clip ``ResidualAttentionBlock`` once attention gave ``o`` ``[B, H, N, D]`` for the rows of
+    ``x`` ``[B, N, W]``: the output projection and attention residual, then the MLP residual."""
+    x = x + blk.ls_1(blk.attn.out_proj(_merge_heads(o)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
 def encode_text_naive(
     clip_model: nn.Module,
     classnames: Sequence[str],
@@ -134,8 +141,7 @@ def encode_text_naive(
         q, k, v = (_split_heads(t, attn.num_heads) for t in with_prompt_rows(qkv, torch.cat(rows, -1)).chunk(3, -1))
         mask = clip_model.attn_mask.to(x.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + blk.ls_1(attn.out_proj(_merge_heads(o)))
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        x = residual_tail(blk, x, o)
     x = clip_model.ln_final(x)
     eos_id = getattr(clip_model, "text_eos_id", None)
     pooled = text_global_pool(x, tokens, clip_model.text_pool_type, eos_token_id=eos_id)
@@ -349,8 +355,7 @@ class SharedPrefixTextEncoder(nn.Module):
             if layer == len(blocks) - 1 and states is None:
                 break  # the last layer's prefix outputs reach nothing: suffixes only read its keys/values
             o = prompt_attention(q, k, v, causal=True)
-            h = h + blk.ls_1(attn.out_proj(_merge_heads(o)))
-            h = h + blk.ls_2(blk.mlp(blk.ln_2(h)))
+            h = residual_tail(blk, h, o)
         return kv
 
     # ----------------------------------------------------------------------------------------------- suffix pass
@@ -368,8 +373,7 @@ class SharedPrefixTextEncoder(nn.Module):
                 # Only the EOT row (every suffix's last token) is pooled; it attends to all keys, so no mask is needed.
                 q, x = q[:, :, -1:], x[:, -1:]
             o = prompt_attention(q, k, v, prefix_kv[2 * layer], prefix_kv[2 * layer + 1], causal=not last)
-            x = x + blk.ls_1(attn.out_proj(_merge_heads(o)))
-            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            x = residual_tail(blk, x, o)
         return _project(self, self.ln_final(x[:, -1]))
 
     def forward(self, classnames: Sequence[str]) -> torch.Tensor:

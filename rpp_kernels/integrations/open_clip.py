@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from rpp_kernels.attention import prompt_attention, prompt_qkv
+from rpp_kernels.text import residual_tail
 
 __all__ = ["VisionPrompts", "apply_vision_prompts", "encode_image_explicit", "remove_vision_prompts"]
 
@@ -107,9 +108,7 @@ def _prompted_block_forward(block: nn.Module, prompts: VisionPrompts, index: int
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         if not prompts.enabled or k_x is not None or v_x is not None or attn_mask is not None:
             return original(q_x, k_x=k_x, v_x=v_x, attn_mask=attn_mask)
-        x = q_x
-        batch, n, width = x.shape
-        h = self.ln_1(x)
+        h = self.ln_1(q_x)
         key_rows, value_rows = prompts.layer(index)
         # Prompt rows in the query slot are projected but never used: their outputs are not computed. Shared tokens
         # are passed once (prompt_qkv then uses them for q, k and v); unshared ones fill the q slot with the key rows.
@@ -120,10 +119,7 @@ def _prompted_block_forward(block: nn.Module, prompts: VisionPrompts, index: int
         weight = attn.in_proj_weight.to(h.dtype)
         bias = None if attn.in_proj_bias is None else attn.in_proj_bias.to(h.dtype)
         (q, k, v), (_, prefix_k, prefix_v) = prompt_qkv(h, weight, bias, attn.num_heads, *rows)
-        o = prompt_attention(q, k, v, prefix_k, prefix_v)
-        o = attn.out_proj(o.transpose(1, 2).reshape(batch, n, width))
-        x = x + self.ls_1(o)
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        return residual_tail(self, q_x, prompt_attention(q, k, v, prefix_k, prefix_v))
 
     return types.MethodType(forward, block)
 
