@@ -14,7 +14,7 @@ Per training step (:meth:`RPPMethod.loss`):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import open_clip
@@ -129,14 +129,10 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` for values no model could accept (model-dependent limits are checked later)."""
-        if self.text_prompt not in TEXT_PROMPTS:
-            raise UserError(f"--text-prompt: expected one of {', '.join(TEXT_PROMPTS)}, got {self.text_prompt!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.teacher_templates not in TEMPLATES:
-            raise UserError(
-                f"--teacher-templates: expected one of {', '.join(TEMPLATES)}, got {self.teacher_templates!r}"
-            )
+        for f in fields(self):  # the CLI/YAML parser checks these too; this covers direct construction
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                raise UserError(f"--{f.name.replace('_', '-')}: expected one of {', '.join(choices)}, got {value!r}")
         for name in ("n_ctx", "text_depth"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
