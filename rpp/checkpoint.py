@@ -91,6 +91,14 @@ def check_output_dir(out: Path, resume_from: Path | None) -> None:
         )
 
 
+def make_output_dir(out: Path) -> None:
+    """Create ``--output`` (and its parents); a one-line UserError where that is impossible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output {out}: {e.strerror}") from None
+
+
 def load(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
     """torch.load on CPU with a one-line UserError for a missing or unreadable file."""
     path = Path(path)

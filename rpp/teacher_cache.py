@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from rpp import data, distributed
+from rpp import checkpoint, data, distributed
 from rpp.config import DATA_FORMATS, parse
 from rpp.errors import UserError
 
@@ -70,13 +70,17 @@ class TeacherCache:
         self.offsets = np.cumsum(self.counts) - self.counts
 
     @classmethod
-    def open(cls, folder: str, spec: data.DataSpec) -> TeacherCache:
+    def open(cls, folder: str, spec: data.DataSpec, *, temperature: float) -> TeacherCache:
+        """The complete cache in ``folder`` for ``spec``'s images and classes at ``temperature``; else UserError."""
         path = Path(folder)
         if not (path / "meta.json").is_file():
             raise UserError(f"--teacher-cache: no meta.json in {folder} (build it with python -m rpp.teacher_cache)")
         meta = json.loads((path / "meta.json").read_text())
         if meta["fingerprint"] != spec.fingerprint():
             raise UserError(f"--teacher-cache {folder} was built for different images or classes than --data")
+        if meta["temperature"] != temperature:
+            raise UserError(f"--teacher-cache {folder} holds probabilities at temperature {meta['temperature']}, "
+                            f"this run uses --temperature {temperature}")  # fmt: skip
         units, name = _units(meta)
         missing = units - len(_done_units(path))
         if missing:
@@ -199,7 +203,7 @@ def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistI
         if spec.shards is not None:  # counted once; the fingerprint (sizes, mtimes) guards them afterwards
             counts = data.shard_sample_counts(spec.shards)
             meta.update(n=sum(counts), shards=[os.path.basename(s) for s in spec.shards], counts=counts)
-        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint.make_output_dir(folder)
         np.lib.format.open_memmap(folder / "indices.npy", "w+", np.int32, (meta["n"], k)).flush()
         np.lib.format.open_memmap(folder / "probs.npy", "w+", np.float16, (meta["n"], k)).flush()
         _write_json(folder / "meta.json", meta)  # last: its presence means the arrays exist

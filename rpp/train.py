@@ -158,18 +158,12 @@ def train(argv: list[str] | None = None) -> int:
     info = distributed.init()
     log = print if info.is_main else (lambda *a, **k: None)
     if info.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --output {out}: {e.strerror}") from None
+        checkpoint.make_output_dir(out)
 
     spec = data.resolve(tcfg.data, tcfg.data_format, tcfg.classnames, tcfg.seed, tcfg.eval_data)
     cache = None
     if tcfg.teacher_cache is not None:
-        cache = TeacherCache.open(tcfg.teacher_cache, spec)
-        if cache.meta["temperature"] != mcfg.temperature:
-            raise UserError(f"--teacher-cache {tcfg.teacher_cache} holds probabilities at temperature "
-                            f"{cache.meta['temperature']}, this run uses --temperature {mcfg.temperature}")  # fmt: skip
+        cache = TeacherCache.open(tcfg.teacher_cache, spec, temperature=mcfg.temperature)
 
     seed_everything(tcfg.seed)  # identical prompt initialisation on every rank
     # Teacher class embeddings are cached on disk only for real weights (random test weights depend on the seed).

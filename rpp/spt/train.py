@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
-from rpp.checkpoint import atomic_save
+from rpp.checkpoint import atomic_save, make_output_dir
 from rpp.errors import UserError
 from rpp.spt import data as spt_data
 from rpp.spt.prototypes import DEFAULT_CAPACITY, MODES, init_prompts
@@ -321,10 +321,7 @@ def run(args: argparse.Namespace) -> dict:
     ema = EMA(trained, args.ema) if args.ema > 0 else None
 
     out = Path(args.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --output {out}: {e.strerror}") from None
+    make_output_dir(out)
     ckpt_path, metrics_path = out / CHECKPOINT_FILE, out / METRICS_FILE
     metrics_path.write_text("")
     model.train()

@@ -31,7 +31,7 @@ def test_resumable_build_matches_a_full_build_and_trains(tmp_path, capsys):
     assert json.loads((partial / "progress-0.json").read_text())["done"] == [0, 1]
     spec = data.resolve(None, None, None)
     with pytest.raises(UserError, match="incomplete"):
-        teacher_cache.TeacherCache.open(str(partial), spec)
+        teacher_cache.TeacherCache.open(str(partial), spec, temperature=1.0)
     assert teacher_cache.main([*ARGS, "--output", str(partial)]) == 0
     assert "complete" in capsys.readouterr().out
     assert teacher_cache.main([*ARGS, "--output", str(full)]) == 0
@@ -107,7 +107,7 @@ def test_webdataset_cache_resumes_per_shard_and_matches_the_teacher(tmp_path, ca
     assert meta["shards"] == ["train-0000.tar", "train-0001.tar", "train-0002.tar"] and meta["counts"] == [5, 7, 4]
     spec = data.resolve(str(folder), None, str(names))
     with pytest.raises(UserError, match=r"incomplete \(1 shards left\)"):
-        teacher_cache.TeacherCache.open(str(partial), spec)
+        teacher_cache.TeacherCache.open(str(partial), spec, temperature=1.0)
     assert teacher_cache.main([*args, "--output", str(partial)]) == 0
     assert "wrote 1 shards on rank 0; complete" in capsys.readouterr().out
     with warnings.catch_warnings():
@@ -117,7 +117,7 @@ def test_webdataset_cache_resumes_per_shard_and_matches_the_teacher(tmp_path, ca
         assert np.array_equal(np.load(partial / name), np.load(full / name))
 
     # Row offset(shard) + position holds the teacher's top-k of that sample; the corrupt sample's row stays zero.
-    method, cache = _teacher(spec.classnames), teacher_cache.TeacherCache.open(str(full), spec)
+    method, cache = _teacher(spec.classnames), teacher_cache.TeacherCache.open(str(full), spec, temperature=1.0)
     offsets = np.cumsum((0, *SHARD_SIZES))
     for s, shard in enumerate(spec.shards):
         images = [method.preprocess_val(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
@@ -170,8 +170,8 @@ def test_torchrun_build_and_training_from_a_webdataset_cache(tmp_path, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert train.main([*small, "--views", "2", "--output", str(tmp_path / "run")]) == 0
-    rows = np.concatenate([teacher_cache.TeacherCache.open(str(cache), data.resolve(str(folder), None, str(names)))
-                           .rows(ids) for ids in looked_up])  # fmt: skip
+    opened = teacher_cache.TeacherCache.open(str(cache), data.resolve(str(folder), None, str(names)), temperature=1.0)
+    rows = np.concatenate([opened.rows(ids) for ids in looked_up])
     assert len(rows) == 8 and len(set(rows.tolist())) == 8 and rows.min() >= 0 and rows.max() < 16
     proc = subprocess.run([*torchrun, "rpp.train", *small, "--output", str(tmp_path / "ddp")], capture_output=True,
                           text=True, env=env, timeout=300)  # fmt: skip
