@@ -111,11 +111,16 @@ def _check_tensor(name: str, t, dims: int, device: torch.device, floating: bool 
         raise TypeError(f"topk_kd_loss: {name} must be an integer tensor, got {t.dtype}")
 
 
-def _sum(t: torch.Tensor) -> float:
+def _sum(t: torch.Tensor) -> torch.Tensor:
     """``t.sum()`` in fp32 (fp64 for fp64): a NaN anywhere makes it NaN, +inf makes it +inf (NaN next to a -inf), -inf
     alone makes it -inf. One reduction, 35x cheaper on CPU than ``isfinite(t).all()``; a false alarm would need finite
     values summing past 3e38."""
-    return float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _to_host(*values: torch.Tensor) -> list[float]:
+    """Several 0-d checks fetched in one transfer: one host sync instead of one each (exact for ints below 2^53)."""
+    return torch.stack([v.double() for v in values]).tolist()
 
 
 def make_problem(
@@ -184,12 +189,14 @@ def make_problem(
         if labels.shape[0] != B:
             raise ValueError(f"topk_kd_loss: labels {_shape(labels)} must be [B={B}]")
         labels = labels.long()
-        if B and (int(labels.min()) < 0 or int(labels.max()) >= C):
-            raise ValueError(
-                f"topk_kd_loss: labels must be in [0, {C}), got min {int(labels.min())}, max {int(labels.max())}"
-            )
-        if B and class_mask is not None and not bool(class_mask[labels].all()):
-            raise ValueError("topk_kd_loss: a label points at a class removed by class_mask")
+        if B:
+            # The mask lookup is clamped so that an out-of-range label reports the range error, not an index fault.
+            kept = class_mask[labels.clamp(0, C - 1)].all() if class_mask is not None else labels.new_ones(())
+            lo, hi, all_kept = (int(v) for v in _to_host(labels.min(), labels.max(), kept))
+            if lo < 0 or hi >= C:
+                raise ValueError(f"topk_kd_loss: labels must be in [0, {C}), got min {lo}, max {hi}")
+            if not all_kept:
+                raise ValueError("topk_kd_loss: a label points at a class removed by class_mask")
     elif ce_w != 0.0:
         raise ValueError(f"topk_kd_loss: ce_weight={ce_w} needs labels")
     fields = dict(teacher_logits=None, teacher_feats=None, teacher_embeds=None, topk_indices=None, topk_probs=None)
@@ -198,7 +205,7 @@ def make_problem(
         if tuple(teacher.shape) != (B, C):
             raise ValueError(f"topk_kd_loss: teacher logits {_shape(teacher)} must be [B, C] = [{B}, {C}]")
         # -inf marks a class the teacher rules out; NaN and +inf have no distribution (the kernels would drop them).
-        total = _sum(teacher)
+        total = float(_sum(teacher))
         if math.isnan(total) or total == math.inf:
             raise ValueError("topk_kd_loss: teacher logits contain NaN or +inf (-inf or class_mask drops a class)")
         form, fields["teacher_logits"] = LOGITS, teacher.detach()
@@ -212,16 +219,21 @@ def make_problem(
                     f"topk_kd_loss: precomputed teacher (indices {_shape(first)}, probs {_shape(second)}) must be two "
                     f"[B={B}, k>=1] tensors"
                 )
-            if B and (int(first.min()) < 0 or int(first.max()) >= C):
-                raise ValueError(
-                    f"topk_kd_loss: teacher indices must be in [0, {C}), got min {int(first.min())}, "
-                    f"max {int(first.max())}"
-                )
-            by_class = first.sort(dim=1).values
-            if bool((by_class[:, 1:] == by_class[:, :-1]).any()):
-                raise ValueError("topk_kd_loss: teacher indices must be distinct within each row (a class is repeated)")
-            if not bool(((second >= 0) & torch.isfinite(second)).all()):
-                raise ValueError("topk_kd_loss: teacher probs must be finite and >= 0 (they are renormalised per row)")
+            if B:
+                by_class = first.sort(dim=1).values
+                repeated = (by_class[:, 1:] == by_class[:, :-1]).any()
+                probs_ok = ((second >= 0) & torch.isfinite(second)).all()
+                lo, hi, repeated, probs_ok = (int(v) for v in _to_host(first.min(), first.max(), repeated, probs_ok))
+                if lo < 0 or hi >= C:
+                    raise ValueError(f"topk_kd_loss: teacher indices must be in [0, {C}), got min {lo}, max {hi}")
+                if repeated:
+                    raise ValueError(
+                        "topk_kd_loss: teacher indices must be distinct within each row (a class is repeated)"
+                    )
+                if not probs_ok:
+                    raise ValueError(
+                        "topk_kd_loss: teacher probs must be finite and >= 0 (they are renormalised per row)"
+                    )
             form = TOPK
             fields["topk_indices"], fields["topk_probs"] = first.long(), second.detach()
         else:
@@ -234,8 +246,9 @@ def make_problem(
                 )
             if first.dtype != second.dtype:
                 raise TypeError(f"topk_kd_loss: teacher feats {first.dtype} and class embeds {second.dtype} differ")
-            for name, x in (("teacher_feats", first), ("teacher_class_embeds", second)):
-                if not math.isfinite(_sum(x)):
+            sums = _to_host(_sum(first), _sum(second))
+            for name, total in zip(("teacher_feats", "teacher_class_embeds"), sums, strict=True):
+                if not math.isfinite(total):
                     raise ValueError(f"topk_kd_loss: {name} must be finite (NaN or inf would make teacher logits NaN)")
             form = FEATS
             fields["teacher_feats"], fields["teacher_embeds"] = first.detach(), second.detach()
