@@ -134,17 +134,28 @@ class _ShardBatches(IterableDataset):
 
 
 def _chunk_batches(spec: data.DataSpec, transform, chunks: list[int], cfg: CacheConfig):
-    """The same batches for chunks of `cfg.chunk` images of a map-style dataset."""
+    """The same batches for chunks of `cfg.chunk` images of a map-style dataset, from one DataLoader: its workers start
+    once and keep prefetching across chunk boundaries."""
     n = len(spec.source)
+    positions: list[int] = []
+    batches: list[list[int]] = []
+    chunk_of: list[int] = []  # per batch: its chunk
     for c in chunks:
-        positions = list(range(c * cfg.chunk, min(n, (c + 1) * cfg.chunk)))
-        dataset = data.ViewsDataset(spec.source, transform, indices=positions)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            collate_fn=data.collate_single_view)  # fmt: skip
-        for images, _, idx, _ in loader:
-            # idx is the image actually loaded: a corrupt file's row stays empty, training never asks for it
-            yield images, idx, c, False
-        yield None, None, c, True
+        first = len(positions)
+        positions += range(c * cfg.chunk, min(n, (c + 1) * cfg.chunk))
+        for start in range(first, len(positions), cfg.batch_size):
+            batches.append(list(range(start, min(start + cfg.batch_size, len(positions)))))
+            chunk_of.append(c)
+    if not batches:
+        return
+    dataset = data.ViewsDataset(spec.source, transform, indices=positions)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                        collate_fn=data.collate_single_view)  # fmt: skip
+    for b, (images, _, idx, _) in enumerate(loader):
+        # idx is the image actually loaded: a corrupt file's row stays empty, training never asks for it
+        yield images, idx, chunk_of[b], False
+        if b + 1 == len(batches) or chunk_of[b + 1] != chunk_of[b]:
+            yield None, None, chunk_of[b], True
 
 
 @dataclass
