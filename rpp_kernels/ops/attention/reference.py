@@ -72,9 +72,7 @@ def prompt_attention_torch(
     """
     batch, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
     if prefix_k is None or prefix_k.shape[-2] == 0:
-        if causal and n_q != n_k:
-            mask = prefix_causal_mask(n_q, n_k, 0, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+        # SDPA's is_causal is top-left aligned: query i sees keys j <= i, the prefix-free case of the contract.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
     keys = torch.cat([expand_prefix(prefix_k, batch), k], dim=2)
     values = torch.cat([expand_prefix(prefix_v, batch), v], dim=2)
@@ -82,15 +80,15 @@ def prompt_attention_torch(
     # whole buffer alive next to the concatenated K/V copies. A compact q (no-op when already contiguous) frees it.
     q = q.contiguous()
     mask = None
-    if causal:
+    if causal and n_q != n_k:
+        mask = prefix_causal_mask(n_q, n_k, prefix_k.shape[-2], q.device)
+    elif causal:
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo, which imports triton (see the package doc).
         from torch.nn.attention.bias import causal_lower_right
 
         # With n_q == n_k, "all prefix keys + tokens j <= i" is the bottom-right-aligned causal mask of the
         # [n_q, P + n_k] scores; as a CausalBias SDPA keeps its fused kernels instead of the masked math path.
         mask = causal_lower_right(n_q, prefix_k.shape[-2] + n_k)
-        if n_q != n_k:
-            mask = prefix_causal_mask(n_q, n_k, prefix_k.shape[-2], q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=softmax_scale)
 
 
