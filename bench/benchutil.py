@@ -44,6 +44,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def imagenet_classnames(n: int) -> list[str]:
+    """C <= 1000: an evenly spaced subset of open_clip's ImageNet-1K names; more: the 1000 names cycled (the same
+    token-length mix as real class lists)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    names = list(IMAGENET_CLASSNAMES)
+    if n <= len(names):
+        return [names[i * len(names) // n] for i in range(n)]
+    return [names[i % len(names)] for i in range(n)]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,9 +19,16 @@ import os
 
 import pytest
 import torch
-from benchutil import bench_device, peak_memory_bytes, record, saved_bytes, synchronize, time_quantiles
+from benchutil import (
+    bench_device,
+    imagenet_classnames,
+    peak_memory_bytes,
+    record,
+    saved_bytes,
+    synchronize,
+    time_quantiles,
+)
 from open_clip.model import CLIP
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 from rpp_kernels.text import SharedPrefixTextEncoder, encode_text_naive
 
@@ -55,14 +62,6 @@ else:
     ]
 
 
-def classnames(n: int) -> list[str]:
-    """C <= 1000: an evenly spaced subset of ImageNet-1K names; more: the 1000 names cycled (same length mix)."""
-    names = list(IMAGENET_CLASSNAMES)
-    if n <= len(names):
-        return [names[i * len(names) // n] for i in range(n)]
-    return [names[i % len(names)] for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def clip_model() -> CLIP:
     torch.manual_seed(0)
@@ -77,7 +76,7 @@ def encoder(clip_model) -> SharedPrefixTextEncoder:
 
 @pytest.mark.parametrize(("provider", "n_classes", "chunk_size", "checkpoint"), CASES)
 def test_text_encoder_fwd_bwd(benchmark, clip_model, encoder, provider, n_classes, chunk_size, checkpoint):
-    names = classnames(n_classes)
+    names = imagenet_classnames(n_classes)
     encoder.chunk_size, encoder.checkpoint = chunk_size, checkpoint
     if provider == "shared_prefix":
         forward = lambda: encoder(names)

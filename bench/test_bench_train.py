@@ -23,8 +23,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import bench_device, peak_memory_bytes, record, saved_bytes, synchronize, time_quantiles
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+from benchutil import (
+    bench_device,
+    imagenet_classnames,
+    peak_memory_bytes,
+    record,
+    saved_bytes,
+    synchronize,
+    time_quantiles,
+)
 
 from rpp.losses import local_correction
 from rpp.method import MethodConfig, RPPMethod
@@ -41,12 +48,6 @@ N_CTX = 16
 # (vision prompts per layer, classes per step; None = the full class set)
 CASES = [(0, SETUP["k"]), (4, SETUP["k"]), (0, None)]
 _RESULTS: dict[tuple, dict] = {}
-
-
-def classnames(n: int) -> list[str]:
-    """ImageNet-1K names; beyond 1000 they are cycled (the same token-length mix as real class lists)."""
-    names = list(IMAGENET_CLASSNAMES)
-    return [names[i % len(names)] for i in range(n)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +77,7 @@ def methods():
             vision_depth=SETUP["depth"],
             precision=SETUP["precision"],
         )
-        built[vision_prompts] = RPPMethod(cfg, classnames(SETUP["classes"]), DEVICE)
+        built[vision_prompts] = RPPMethod(cfg, imagenet_classnames(SETUP["classes"]), DEVICE)
     return built
 
 
