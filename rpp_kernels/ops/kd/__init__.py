@@ -303,7 +303,6 @@ class TopKKDFunction(torch.autograd.Function):
             ep.slot_coef,
             ep.a_u,
             ep.a_1,
-            ep.a_w,
             lse_u,
             stats.lse_1,
             ep.lse_w,
@@ -321,11 +320,11 @@ class TopKKDFunction(torch.autograd.Function):
         p = dataclasses.replace(
             ctx.problem, student_feats=sf, class_embeds=ce, **dict(zip(_TEACHER_FIELDS, rest[:n], strict=True))
         )
-        slot_idx, slot_coef, a_u, a_1, a_w, lse_u, lse_1, lse_w = rest[n:]
+        slot_idx, slot_coef, a_u, a_1, lse_u, lse_1, lse_w = rest[n:]
         g = grad_rows.to(p.acc_dtype)
         dsf = dce = None
         if lse_u is not None or lse_1 is not None:
-            dsf, dce = ctx.impl.dense_backward(p, g * a_u, g * a_1, g * a_w, lse_u, lse_1, lse_w, need_dsf, need_dce)
+            dsf, dce = ctx.impl.dense_backward(p, g * a_u, g * a_1, lse_u, lse_1, lse_w, need_dsf, need_dce)
         if slot_idx.shape[1]:
             dsf, dce = ctx.impl.sparse_backward(p, slot_idx, g[:, None] * slot_coef, dsf, dce, need_dsf, need_dce)
         dsf = dsf.to(sf.dtype) if need_dsf else None

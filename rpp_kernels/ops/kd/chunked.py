@@ -133,8 +133,8 @@ def gather(p: Problem, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool):
-    """``ds = a_u*softmax(u) + a_1*softmax(s) - a_w*softmax(w)`` chunk by chunk (recomputed), returning fp32
+def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool):
+    """``ds = a_u*(softmax(u) - softmax(w)) + a_1*softmax(s)`` chunk by chunk (recomputed), returning fp32
     ``(d student_feats, d class_embeds)`` contributions (already times ``logit_scale``)."""
     T = p.temperature
     sf32 = p.student_feats.to(p.acc_dtype)
@@ -150,7 +150,7 @@ def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_d
         if lse_1 is not None:
             ds += a_1[:, None] * torch.exp(s - lse_1[:, None])
         if lse_w is not None:
-            ds -= a_w[:, None] * torch.exp(teacher_chunk(p, tf32, c0, c1) / T - lse_w[:, None])
+            ds -= a_u[:, None] * torch.exp(teacher_chunk(p, tf32, c0, c1) / T - lse_w[:, None])
         ds *= p.logit_scale
         if dsf is not None:
             dsf += ds @ ce32

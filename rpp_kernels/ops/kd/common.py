@@ -7,7 +7,8 @@ Every backend computes the same four pieces, so this file holds the math once:
    the running ``E_p[w - u]``);
 2. ``gather``: student logits at B*k (index) positions;
 3. the epilogue below turns those into the per-row loss and the coefficients backward needs (all O(B*k));
-4. backward: a dense part ``ds = a_u * softmax(u) + a_1 * softmax(s) - a_w * softmax(w)`` recomputed tile by tile and
+4. backward: a dense part ``ds = a_u * (softmax(u) - softmax(w)) + a_1 * softmax(s)`` (the ``softmax(w)`` term for a
+   full teacher only) recomputed tile by tile and
    a sparse part (k coefficients per row, plus the label) scattered at the teacher's top-k indices.
 
 Notation per row: ``s = logit_scale * student_feats @ class_embeds.T`` (fp32; fp64 for fp64 inputs, see
@@ -142,9 +143,8 @@ class Epilogue:
     rows: torch.Tensor  # [B] fp32 loss per row
     slot_coef: torch.Tensor  # [B, J] d row / d s at ``slot_idx`` (sparse part), per unit upstream gradient
     slot_idx: torch.Tensor  # [B, J] int64 (teacher top-k, then the label)
-    a_u: torch.Tensor  # [B] coefficient of softmax(u) over all classes (dense part)
+    a_u: torch.Tensor  # [B] coefficient of softmax(u) over all classes (dense part), and of -softmax(w) (full teacher)
     a_1: torch.Tensor  # [B] coefficient of softmax(s)
-    a_w: torch.Tensor  # [B] coefficient of -softmax(w) (full teacher only)
     lse_w: torch.Tensor | None  # [B] teacher log-sum-exp for the dense backward; +inf on rows without teacher mass
 
 
@@ -163,7 +163,7 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
     zeros = torch.zeros(B, device=dev, dtype=p.acc_dtype)
     slot_idx = [torch.zeros(B, 0, dtype=torch.long, device=dev)]
     slot_coef = [torch.zeros(B, 0, dtype=p.acc_dtype, device=dev)]
-    a_u, a_1, a_w = zeros, zeros, zeros
+    a_u, a_1 = zeros, zeros
     label_cols = 1 if p.need_ce else 0
     s_label = None
     lse_w_bwd = None
@@ -171,7 +171,6 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
         has = torch.isfinite(stats.lse_w)
         kl = torch.where(has, stats.ew_diff - stats.lse_w + stats.lse_u, zeros)
         a_u = kdw * has.to(p.acc_dtype)
-        a_w = a_u
         # exp(w - inf) = 0: rows with no teacher mass get no -softmax(w) term instead of exp(-inf + inf) = nan.
         lse_w_bwd = torch.where(has, stats.lse_w, torch.full_like(zeros, float("inf")))
         if label_cols:
@@ -217,4 +216,4 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
         a_1 = torch.full_like(zeros, p.ce_weight)
         slot_idx.append(p.labels[:, None])
         slot_coef.append(torch.full((B, 1), -p.ce_weight, device=dev, dtype=p.acc_dtype))
-    return Epilogue(rows, torch.cat(slot_coef, 1), torch.cat(slot_idx, 1), a_u, a_1, a_w, lse_w_bwd)
+    return Epilogue(rows, torch.cat(slot_coef, 1), torch.cat(slot_idx, 1), a_u, a_1, lse_w_bwd)

@@ -17,7 +17,7 @@ KPAD = next power of two >= k, at most BLOCK_C. A tile with no key above any row
 
 Backward recomputes logits tile by tile: ``_kd_bwd_dx_kernel`` (one program per block of rows, accumulating
 ``ds @ class_embeds``) and ``_kd_bwd_dw_kernel`` (one program per tile of classes, accumulating ``ds.T @ feats``) for
-the dense part ``ds = a_u softmax(u) + a_1 softmax(s) - a_w softmax(w)``, then ``_kd_bwd_sparse_kernel`` adds the
+the dense part ``ds = a_u (softmax(u) - softmax(w)) + a_1 softmax(s)``, then ``_kd_bwd_sparse_kernel`` adds the
 k + 1 sparse coefficients per row (teacher top-k, label) with atomics on the class-embedding gradient.
 ``_kd_gather_kernel`` computes the student logits at the top-k classes (and labels) for the O(B*k) epilogue.
 """
@@ -323,14 +323,13 @@ def gather(p: Problem, idx: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _load_coefs(coef_ptr, offs_b, mask_b, B):
-    """The six per-row backward coefficients of rows ``offs_b`` from ``coef`` [6, B]."""
+    """The five per-row backward coefficients of rows ``offs_b`` from ``coef`` [5, B]."""
     a_u = tl.load(coef_ptr + offs_b, mask=mask_b, other=0.0)
     a_1 = tl.load(coef_ptr + B + offs_b, mask=mask_b, other=0.0)
-    a_w = tl.load(coef_ptr + 2 * B + offs_b, mask=mask_b, other=0.0)
-    lse_u = tl.load(coef_ptr + 3 * B + offs_b, mask=mask_b, other=0.0)
-    lse_1 = tl.load(coef_ptr + 4 * B + offs_b, mask=mask_b, other=0.0)
-    lse_w = tl.load(coef_ptr + 5 * B + offs_b, mask=mask_b, other=0.0)
-    return a_u, a_1, a_w, lse_u, lse_1, lse_w
+    lse_u = tl.load(coef_ptr + 2 * B + offs_b, mask=mask_b, other=0.0)
+    lse_1 = tl.load(coef_ptr + 3 * B + offs_b, mask=mask_b, other=0.0)
+    lse_w = tl.load(coef_ptr + 4 * B + offs_b, mask=mask_b, other=0.0)
+    return a_u, a_1, lse_u, lse_1, lse_w
 
 
 @triton.jit
@@ -346,7 +345,6 @@ def _dense_ds(
     C,
     a_u,
     a_1,
-    a_w,
     lse_u,
     lse_1,
     lse_w,
@@ -359,7 +357,7 @@ def _dense_ds(
     PRECISION: tl.constexpr,
 ):
     """d row / d s on one (rows, classes) tile, logits recomputed from the loaded operands (``tx``/``t_emb``: the
-    teacher's, read only for a full feats teacher): ``a_u softmax(s/T) + a_1 softmax(s) - a_w softmax(t/T)``
+    teacher's, read only for a full feats teacher): ``a_u (softmax(s/T) - softmax(t/T)) + a_1 softmax(s)``
     (masked entries are -inf: 0)."""
     s = tl.dot(x, tl.trans(w_emb), input_precision=PRECISION) * scale
     s = tl.where(valid, s, float("-inf"))
@@ -375,7 +373,7 @@ def _dense_ds(
         else:
             w = tl.dot(tx, tl.trans(t_emb), input_precision=PRECISION) * scale
         w = tl.where(valid, w, float("-inf"))
-        ds -= a_w[:, None] * tl.exp(w * inv_t - lse_w[:, None])
+        ds -= a_u[:, None] * tl.exp(w * inv_t - lse_w[:, None])
     return ds
 
 
@@ -406,13 +404,13 @@ def _kd_bwd_dx_kernel(
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """d student_feats (dense part) for one block of rows; ``coef`` is [6, B]: a_u, a_1, a_w, lse_u, lse_1, lse_w."""
+    """d student_feats (dense part) for one block of rows; ``coef`` is [5, B]: a_u, a_1, lse_u, lse_1, lse_w."""
     pid = tl.program_id(0)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     offs_e = tl.arange(0, E_PAD)
     mask_e = offs_e < E
-    a_u, a_1, a_w, lse_u, lse_1, lse_w = _load_coefs(coef_ptr, offs_b, mask_b, B)
+    a_u, a_1, lse_u, lse_1, lse_w = _load_coefs(coef_ptr, offs_b, mask_b, B)
     x = tl.load(sf_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask_b[:, None] & mask_e[None, :], other=0.0)
     tx = x  # a stand-in, never read, unless the teacher is full feats
     if TEACHER == 2 and FULL:
@@ -434,7 +432,7 @@ def _kd_bwd_dx_kernel(
             t_emb = tl.load(
                 tce_ptr + offs_c[:, None] * ET + offs_f[None, :], mask=mask_c[:, None] & mask_f[None, :], other=0.0
             )
-        ds = _dense_ds(x, w_emb, tx, t_emb, t_ptr, offs_b, offs_c, valid, C, a_u, a_1, a_w, lse_u, lse_1, lse_w,
+        ds = _dense_ds(x, w_emb, tx, t_emb, t_ptr, offs_b, offs_c, valid, C, a_u, a_1, lse_u, lse_1, lse_w,
                        scale, inv_t, LSE_U, LSE_1, FULL, TEACHER, PRECISION)  # fmt: skip
         acc = tl.dot(ds.to(w_emb.dtype), w_emb, acc, input_precision=PRECISION)
     tl.store(dx_ptr + offs_b[:, None] * E + offs_e[None, :], acc * scale, mask=mask_b[:, None] & mask_e[None, :])
@@ -489,14 +487,14 @@ def _kd_bwd_dw_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
         valid = mask_b[:, None] & mask_c[None, :]
-        a_u, a_1, a_w, lse_u, lse_1, lse_w = _load_coefs(coef_ptr, offs_b, mask_b, B)
+        a_u, a_1, lse_u, lse_1, lse_w = _load_coefs(coef_ptr, offs_b, mask_b, B)
         x = tl.load(sf_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask_b[:, None] & mask_e[None, :], other=0.0)
         tx = x
         if TEACHER == 2 and FULL:
             tx = tl.load(
                 tf_ptr + offs_b[:, None] * ET + offs_f[None, :], mask=mask_b[:, None] & mask_f[None, :], other=0.0
             )
-        ds = _dense_ds(x, w_emb, tx, t_emb, t_ptr, offs_b, offs_c, valid, C, a_u, a_1, a_w, lse_u, lse_1, lse_w,
+        ds = _dense_ds(x, w_emb, tx, t_emb, t_ptr, offs_b, offs_c, valid, C, a_u, a_1, lse_u, lse_1, lse_w,
                        scale, inv_t, LSE_U, LSE_1, FULL, TEACHER, PRECISION)  # fmt: skip
         acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc, input_precision=PRECISION)
     tl.store(dw_ptr + offs_c[:, None] * E + offs_e[None, :], acc * scale, mask=in_range[:, None] & mask_e[None, :])
@@ -512,11 +510,11 @@ def _bwd_config(p: Problem) -> dict:
     return dict(BLOCK_B=16, BLOCK_C=block_c, E_PAD=e_pad, ET_PAD=et_pad, num_warps=4)
 
 
-def dense_backward(p, a_u, a_1, a_w, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool):
+def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool):
     sf, ce, t, tf, tce, mask, et = _common_args(p)
     B, C, E = p.batch, p.num_classes, sf.shape[1]
     zeros = torch.zeros(B, device=sf.device, dtype=torch.float32)
-    coef = torch.stack([a_u, a_1, a_w] + [x if x is not None else zeros for x in (lse_u, lse_1, lse_w)]).contiguous()
+    coef = torch.stack([a_u, a_1] + [x if x is not None else zeros for x in (lse_u, lse_1, lse_w)]).contiguous()
     cfg = _bwd_config(p)
     flags = dict(
         LSE_U=lse_u is not None,
