@@ -67,8 +67,9 @@ class Problem:
 
     @property
     def need_student_lse(self) -> bool:
-        """The student softmax is over all classes, so the stream must visit every student logit."""
-        return self.support == "full" or self.full_teacher
+        """The student softmax is over all classes, so the stream must visit every student logit (make_problem sets
+        ``support="full"`` for a full teacher)."""
+        return self.support == "full"
 
     @property
     def need_ce(self) -> bool:
