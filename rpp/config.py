@@ -82,9 +82,30 @@ class TrainConfig:
     epochs: int = field(default=8, metadata={"help": "passes over the training data when --max-steps is none"})
     batch_size: int = field(default=32, metadata={"help": "images per process per step (before --views)"})
     views: int = field(default=1, metadata={"help": "augmented views per image (the batch holds batch_size*views)"})
-    lr: float = field(default=5e-3, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=5, metadata={"help": "linear warmup steps, then cosine decay to zero"})
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "optimizer of the prompts: adamw, or sgd with --momentum (POMP)",
+            "choices": ("adamw", "sgd"),
+        },
+    )
+    lr: float = field(default=5e-3, metadata={"help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (--optimizer sgd only)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (decoupled for AdamW, L2 for SGD)"})
+    warmup: int = field(default=5, metadata={"help": "warmup steps, then cosine decay to zero"})
+    warmup_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "warmup length in epochs of the training data (overrides --warmup; POMP: 1); none = --warmup"
+        },
+    )
+    warmup_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "constant learning rate during warmup (POMP/Dassl 'constant' warmup: 1e-5); none = linear "
+            "warmup from 0 to --lr"
+        },
+    )
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (none = off)"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per rank"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling, augmentation, class sampling"})
@@ -196,14 +217,31 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser(classes: list[type], prog: str, description: str, defaults: dict | None = None) -> _Parser:
-    """argparse parser with one option per dataclass field; values stay unset (SUPPRESS) unless given."""
+def build_parser(
+    classes: list[type], prog: str, description: str, defaults: dict | None = None, tool: str | None = None
+) -> _Parser:
+    """argparse parser with one option per dataclass field; values stay unset (SUPPRESS) unless given. With ``tool``
+    (e.g. ``"rpp.train"``) it also takes ``--recipe NAME`` and ``--print-config`` (see :mod:`rpp.recipes`)."""
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument(
         "--config",
         metavar="FILE",
         help="YAML file of options (keys as the option names); command-line options override it",
     )
+    if tool is not None:
+        from rpp.recipes import list_recipes
+
+        parser.add_argument(
+            "--recipe",
+            metavar="NAME",
+            help="start from a published recipe shipped in rpp/recipes (then --config, then command-line options "
+            f"override it): {', '.join(list_recipes(tool)) or 'none'}",
+        )
+        parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved options (a YAML file --config accepts) and exit",
+        )
     for cls in classes:
         group = parser.add_argument_group(cls.__name__)
         hints = typing.get_type_hints(cls)
@@ -251,24 +289,44 @@ def parse(
     prog: str,
     description: str,
     defaults: dict[str, Any] | None = None,
+    tool: str | None = None,
 ) -> list[Any]:
-    """Instances of `classes` from defaults < `defaults` < YAML `--config` < CLI options, all type-checked."""
-    parser = build_parser(classes, prog, description, defaults)
+    """Instances of `classes` from defaults < `defaults` < `--recipe` < YAML `--config` < CLI options, all
+    type-checked. With ``tool``, ``--recipe NAME`` loads that tool's recipe and ``--print-config`` prints the
+    resolved options as YAML and exits (SystemExit(0), like ``--help``)."""
+    parser = build_parser(classes, prog, description, defaults, tool)
     ns = parser.parse_args(argv)
     fields = _fields(classes)
     values: dict[str, Any] = dict(defaults or {})
+    recipe = getattr(ns, "recipe", None)
+    if recipe is not None:
+        from rpp.recipes import load_recipe
+
+        for key, value in load_recipe(recipe, tool).items():
+            if key not in fields:
+                raise UserError(f"--recipe {recipe}: unknown option {key!r} for python -m {tool}")
+            values[key] = value
     config_file = getattr(ns, "config", None)
     if config_file:
         for key, value in load_yaml(config_file).items():
             if key not in fields:
                 raise UserError(f"unknown option {key!r} in config file {config_file}")
             values[key] = value
-    values.update({k: v for k, v in vars(ns).items() if k != "config"})
+    values.update({k: v for k, v in vars(ns).items() if k not in ("config", "recipe", "print_config")})
     kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for key, value in values.items():
         cls, f, tp = fields[key]
         kwargs[cls][key] = _convert(value, f, tp)
-    return [cls(**kwargs[cls]) for cls in classes]
+    out = [cls(**kwargs[cls]) for cls in classes]
+    if getattr(ns, "print_config", False):
+        sources = (
+            ["defaults"] + [f"recipe {recipe}"] * (recipe is not None) + [f"--config {config_file}"] * bool(config_file)
+        )
+        print(f"# python -m {tool}: resolved options ({' < '.join(sources + ['command line'])})")
+        resolved = {k: v for obj in out for k, v in dataclasses.asdict(obj).items()}
+        print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False), end="")
+        raise SystemExit(0)
+    return out
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -287,5 +345,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"invalid value {cfg.weight_decay} for --weight-decay: must be >= 0")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise UserError(f"invalid value {cfg.grad_clip} for --grad-clip: must be positive or none")
+    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
+        raise UserError(f"invalid value {cfg.momentum} for --momentum: must be in [0, 1)")
+    if cfg.warmup_epochs is not None and not (math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0):
+        raise UserError(f"invalid value {cfg.warmup_epochs} for --warmup-epochs: must be >= 0 or none")
+    if cfg.warmup_lr is not None and not (math.isfinite(cfg.warmup_lr) and cfg.warmup_lr > 0):
+        raise UserError(f"invalid value {cfg.warmup_lr} for --warmup-lr: must be positive or none")
     if cfg.data is None and cfg.data_format not in (None, "builtin"):
         raise UserError(f"--data-format {cfg.data_format} needs --data PATH")

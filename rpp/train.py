@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import random
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -35,7 +38,15 @@ from rpp.metrics_log import MetricsLog, peak_memory_mb
 from rpp.teacher_cache import TeacherCache
 
 EXIT_NON_FINITE = 3
-RESUME_MUST_MATCH = ("data", "data_format", "shots", "shots_seed", "batch_size", "views", "seed")
+EXIT_STALLED = 4
+# Options a resumed run may change: where and how often it writes, how it loads data, how long it runs (recorded in
+# config.json and the log). Every other training or method option must equal the checkpoint's, or --resume refuses:
+# a changed learning rate, data order or loss would silently not continue the interrupted run.
+RESUME_MAY_CHANGE = {
+    "output", "resume", "max_steps", "epochs", "log_every", "save_every", "num_workers", "tensorboard",
+    "eval_data", "eval_batch_size", "cache_dir", "teacher_cache", "stall_timeout", "trust_torchscript",
+    "pretrained", "teacher_pretrained", "grad_checkpointing", "text_chunk_size",
+}  # fmt: skip
 DESCRIPTION = (
     "Pretrain prompts (RPP/POMP) on open_clip with a CLIP teacher. Options come from dataclass defaults, then "
     "--config FILE (YAML), then the command line. With no options: a small CPU run on built-in data."
@@ -56,12 +67,13 @@ def wrap_ddp(method: nn.Module, info: distributed.DistInfo) -> nn.Module:
     return DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup over `warmup` steps, then cosine decay to zero at `total`."""
+def lr_lambda(warmup: int, total: int, warmup_factor: float | None = None):
+    """Warmup over `warmup` steps (linear, or the constant `warmup_factor` x the peak rate), then cosine decay to
+    zero at `total`."""
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return (step + 1) / (warmup + 1) if warmup_factor is None else warmup_factor
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return factor
@@ -149,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str] | None = None) -> int:
     from rpp.method import MethodConfig, RPPMethod, register_tiny_models
 
-    tcfg, mcfg = parse([TrainConfig, MethodConfig], argv, prog="python -m rpp.train", description=DESCRIPTION)
+    tcfg, mcfg = parse(
+        [TrainConfig, MethodConfig], argv, prog="python -m rpp.train", description=DESCRIPTION, tool="rpp.train"
+    )
     validate(tcfg)
     out = Path(tcfg.output)
     state_path = None if tcfg.resume is None else checkpoint.resolve_resume(tcfg.resume, tcfg.output)
@@ -170,7 +184,10 @@ def train(argv: list[str] | None = None) -> int:
     cache_dir = tcfg.cache_dir or (str(out / "cache") if mcfg.teacher_pretrained else None)
     method = RPPMethod(mcfg, spec.classnames, info.device, cache_dir=cache_dir)
     params = method.learnable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if tcfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scaler = torch.amp.GradScaler(info.device.type, enabled=mcfg.precision == "fp16")
     generator = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + info.rank)
 
@@ -200,7 +217,11 @@ def train(argv: list[str] | None = None) -> int:
         if batches_per_epoch == 0:
             raise UserError(f"{n} webdataset samples are too few for batch size {tcfg.batch_size} x {info.world}")
     total = tcfg.max_steps or tcfg.epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg.warmup, total))
+    if tcfg.warmup_epochs is not None and batches_per_epoch is None:
+        raise UserError("--warmup-epochs needs a known epoch length: use --warmup steps with --max-steps on webdataset")
+    warmup = tcfg.warmup if tcfg.warmup_epochs is None else round(tcfg.warmup_epochs * batches_per_epoch)
+    warmup_factor = None if tcfg.warmup_lr is None else tcfg.warmup_lr / tcfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, warmup_factor))
 
     if state is not None:
         method.load_prompt_state_dict(state["prompts"])
