@@ -122,6 +122,21 @@ class TrainConfig:
     )
     tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when it is installed"})
     eval_batch_size: int = field(default=64, metadata={"help": "images per process per evaluation step"})
+    # reliability
+    stall_timeout: float = field(
+        default=1800.0,
+        metadata={
+            "help": "seconds without a finished training step (a stalled or dead torchrun rank, a hung collective) "
+            "after which every rank stops cleanly, keeping the last checkpoint for --resume; 0 = never"
+        },
+    )
+    trust_torchscript: str | None = field(
+        default=None,
+        metadata={
+            "help": "a TorchScript archive (OpenAI's CLIP .pt release) you trust: only this file may be loaded with "
+            "torch.jit.load, which can run code stored in it; every other file is read as plain tensors"
+        },
+    )
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool, tuple | None]:
@@ -175,6 +190,8 @@ def _convert(value: Any, f: dataclasses.Field, tp: Any) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(out):  # inf/nan are never a meaningful setting: reject them before anything runs
+            raise UserError(f"invalid value {value!r} for {_option(f.name)}: must be a finite number")
     elif base is str:
         if isinstance(value, (dict, list)):
             raise bad
@@ -343,6 +360,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"invalid value {cfg.lr} for --lr: must be positive")
     if math.isnan(cfg.weight_decay) or cfg.weight_decay < 0:
         raise UserError(f"invalid value {cfg.weight_decay} for --weight-decay: must be >= 0")
+    if cfg.stall_timeout < 0:
+        raise UserError(f"invalid value {cfg.stall_timeout} for --stall-timeout: must be >= 0 (0 = no watchdog)")
+    if cfg.data is not None and not cfg.data.strip():
+        raise UserError("invalid value '' for --data: expected a dataset path (omit --data for the built-in data)")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise UserError(f"invalid value {cfg.grad_clip} for --grad-clip: must be positive or none")
     if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):

@@ -5,6 +5,7 @@ Single process when WORLD_SIZE is unset or 1. Backend: NCCL when CUDA is availab
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from collections.abc import Callable
@@ -32,8 +33,11 @@ class DistInfo:
         return self.world > 1
 
 
-def init() -> DistInfo:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group if WORLD_SIZE > 1."""
+def init(timeout_s: float = 1800.0) -> DistInfo:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group if WORLD_SIZE > 1.
+
+    `timeout_s` bounds every collective: a stalled peer makes the others fail after it instead of blocking forever
+    (rpp.train's watchdog stops the run cleanly before that)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,7 +49,8 @@ def init() -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -89,6 +89,13 @@ class EvalConfig:
     batch_size: int = field(default=64, metadata={"help": "images per process per step"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per rank"})
     output: str | None = field(default=None, metadata={"help": "also write the results as JSON to this file"})
+    trust_torchscript: str | None = field(
+        default=None,
+        metadata={
+            "help": "a TorchScript archive (OpenAI's CLIP .pt release) you trust as --pretrained: only this file may "
+            "be loaded with torch.jit.load, which can run code stored in it"
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,16 +114,18 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError(f"--output {cfg.output} is a directory: expected a JSON file path")
     if cfg.output is not None and not Path(cfg.output).parent.is_dir():
         raise UserError(f"--output {cfg.output}: directory {Path(cfg.output).parent} not found")
-    path = checkpoint.prompts_path(cfg.checkpoint)
-    ckpt = checkpoint.load(path, "prompt checkpoint")
-    if "prompts" not in ckpt or "method_config" not in ckpt:
-        raise UserError(f"{path} is not a prompts checkpoint written by rpp.train (no prompts / method_config)")
+    path, ckpt = checkpoint.resolve_prompts(cfg.checkpoint)
     known = {f.name for f in dataclasses.fields(MethodConfig)}
     mcfg = MethodConfig(**{k: v for k, v in ckpt["method_config"].items() if k in known})
     mcfg.teacher = None  # evaluation needs no teacher
     mcfg.kd_weight, mcfg.ce_weight = 0.0, 1.0
     if cfg.pretrained is not None:
         mcfg.pretrained = cfg.pretrained
+    try:
+        mcfg.validate()
+    except (UserError, TypeError) as e:
+        raise UserError(f"{path}: its method_config is invalid: {e}") from None
+    checkpoint.trust_torchscript(cfg.trust_torchscript)
     register_tiny_models()
     info = distributed.init()
 
@@ -125,8 +134,15 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError("rpp.eval reads image folders (imagefolder / imagenet21k layouts), not webdataset shards")
     spec = data.resolve(cfg.data, fmt, cfg.classnames)
     source = spec.eval_source if fmt == "builtin" else spec.source
+    # The training run's seed: a random-weight student (test models) is rebuilt exactly, so every evaluation of a
+    # checkpoint gives the same accuracy.
+    torch.manual_seed(ckpt["seed"])
     method = RPPMethod(mcfg, spec.classnames, info.device)
-    method.load_prompt_state_dict(ckpt["prompts"])
+    try:
+        method.load_prompt_state_dict(ckpt["prompts"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} does not fit model {mcfg.model!r}: {type(e).__name__}: {first}") from None
     loader = data.eval_loader(source, method.preprocess_val, cfg.batch_size, info.rank, info.world, cfg.num_workers)
     results = evaluate(method, loader, info.device)
     results.update(checkpoint=str(path), data=cfg.data or "builtin:val", classes=len(spec.classnames))

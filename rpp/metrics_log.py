@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -19,6 +20,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def _step(line: str) -> int | None:
+    """The step of a JSON-lines record; None for a blank, torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
 class MetricsLog:
     """Appends JSON records to `path`; mirrors numbers to TensorBoard under `tb_dir` if tensorboard is importable."""
 
@@ -26,13 +37,13 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and self.path.exists():
-            # A resumed run repeats the steps after its checkpoint: drop the stale records of the interrupted run.
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= truncate_after_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # A resumed run repeats the steps after its checkpoint: drop the stale records of the interrupted run,
+            # and a last line torn by a kill mid-write.
+            keep = [line for line in self.path.read_text(errors="replace").splitlines() if _step(line) is not None]
+            keep = [line for line in keep if _step(line) <= truncate_after_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
         self.file = self.path.open("a")
         self.tb = None
         if tb_dir is not None:
@@ -41,7 +52,9 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(tb_dir))
+                # purge_step: TensorBoard hides the events a resumed run writes again (else each shows twice)
+                purge = None if truncate_after_step is None else truncate_after_step + 1
+                self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -12,6 +12,7 @@ import open_clip
 import torch
 import torch.nn as nn
 
+from rpp.checkpoint import check_torchscript_trusted
 from rpp.errors import UserError
 
 __all__ = ["TINY_MODELS", "load_clip", "register_tiny_models"]
@@ -82,7 +83,8 @@ def load_clip(name: str, pretrained: str | None, *, role: str = "model") -> tupl
     """
     register_tiny_models()
     if name not in open_clip.list_models():
-        raise UserError(f"{role}: unknown open_clip model {name!r}; choose one of open_clip.list_models()")
+        option = {"--pretrained": "--model", "--teacher-pretrained": "--teacher"}.get(role, role)
+        raise UserError(f"{option}: unknown open_clip model {name!r}; choose one of open_clip.list_models()")
     kwargs: dict = {}
     state_dict = None
     if pretrained is not None:
@@ -92,6 +94,7 @@ def load_clip(name: str, pretrained: str | None, *, role: str = "model") -> tupl
         if not path.is_file():
             raise UserError(f"{role}: weights file {str(path)!r} for model {name!r} not found (expected a local file)")
         if _is_torchscript_archive(path):
+            check_torchscript_trusted(path, role)  # torch.jit.load can run code: only on --trust-torchscript FILE
             try:
                 state_dict = _load_torchscript_state_dict(path)
             except Exception as exc:  # noqa: BLE001 - any failure to read the archive is the user's file

@@ -15,12 +15,15 @@ import math
 import multiprocessing
 import os
 import random
+import select
 import signal
 import sys
 import threading
 import time
+import typing
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import MISSING, asdict
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,7 @@ from rpp.teacher_cache import TeacherCache
 
 EXIT_NON_FINITE = 3
 EXIT_STALLED = 4
+SIGNAL_GRACE_S = 120.0  # after SIGINT/SIGTERM, at most this long (or --stall-timeout) to reach a checkpoint
 # Options a resumed run may change: where and how often it writes, how it loads data, how long it runs (recorded in
 # config.json and the log). Every other training or method option must equal the checkpoint's, or --resume refuses:
 # a changed learning rate, data order or loss would silently not continue the interrupted run.
@@ -51,6 +55,12 @@ DESCRIPTION = (
     "Pretrain prompts (RPP/POMP) on open_clip with a CLIP teacher. Options come from dataclass defaults, then "
     "--config FILE (YAML), then the command line. With no options: a small CPU run on built-in data."
 )
+
+
+def checkpoint_default(f):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 class NonFiniteError(RuntimeError):
@@ -79,15 +89,87 @@ def lr_lambda(warmup: int, total: int, warmup_factor: float | None = None):
     return factor
 
 
+def stop_now(code: int, message: str) -> typing.NoReturn:
+    """Print `message`, kill this process's data-loader workers (they ignore SIGINT/SIGTERM, so nothing else would
+    stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
+    stay as they are; a half-written temporary file is removed when the next run starts."""
+    print(message, file=sys.stderr, flush=True)
+    for child in multiprocessing.active_children():
+        child.kill()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class Watchdog(threading.Thread):
+    """Turns a run that stopped making progress into a clean, resumable stop (exit code, one line, the last
+    checkpoint kept), even while the main thread is blocked inside a collective where no Python signal handler runs.
+
+    - no step finished for `stall_timeout` seconds (a stalled or dead rank, a hung collective): exit EXIT_STALLED;
+    - SIGINT/SIGTERM seen (through signal.set_wakeup_fd, which the C-level handler writes even while the main thread
+      is blocked): if the run has not ended `grace` seconds later, exit 128+signal; a second signal exits at once.
+    """
+
+    def __init__(self, stall_timeout: float, grace: float, describe: typing.Callable[[], str], prog: str = "rpp.train"):
+        super().__init__(daemon=True, name="rpp-watchdog")
+        self.stall_timeout, self.grace, self.describe, self.prog = stall_timeout, grace, describe, prog
+        self.beat = time.monotonic()
+        self.signal_at: float | None = None
+        self.signals: list[int] = []
+        self.done = threading.Event()
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+
+    def heartbeat(self) -> None:
+        self.beat = time.monotonic()
+
+    def __enter__(self) -> Watchdog:
+        self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        signal.set_wakeup_fd(self.previous_fd)
+        self.join(timeout=5)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            ready, _, _ = select.select([self.read_fd], [], [], 0.5)
+            if ready:
+                wanted = (signal.SIGINT, signal.SIGTERM)
+                self.signals += [b for b in os.read(self.read_fd, 64) if b in wanted]
+                if self.signals and self.signal_at is None:
+                    self.signal_at = time.monotonic()
+            if self.done.is_set():
+                return
+            now = time.monotonic()
+            if len(self.signals) >= 2:
+                name = signal.Signals(self.signals[-1]).name
+                stop_now(128 + self.signals[-1], f"{self.prog}: got a second {name}: stopping now without saving; "
+                         f"{self.describe()}")  # fmt: skip
+            if self.signal_at is not None and now - self.signal_at > self.grace:
+                name = signal.Signals(self.signals[0]).name
+                stop_now(128 + self.signals[0], f"{self.prog}: no checkpoint within {self.grace:g} s of {name} "
+                         f"(a stalled rank or collective?): stopping without saving; {self.describe()}")  # fmt: skip
+            if self.stall_timeout > 0 and now - self.beat > self.stall_timeout:
+                stop_now(EXIT_STALLED, f"{self.prog}: error: no training step finished in {self.stall_timeout:g} s "
+                         f"(a stalled or dead rank, or a hung collective; see --stall-timeout): stopping; "
+                         f"{self.describe()}")  # fmt: skip
+
+
 @contextmanager
 def stop_on_signals():
-    """Yields a dict whose "signal" becomes the number of the first SIGINT/SIGTERM received; a second one aborts."""
+    """Yields a dict whose "signal" becomes the number of the first SIGINT/SIGTERM received (the loop then finishes
+    its step, saves and exits); a second one stops at once (workers killed, the last checkpoint kept)."""
     state: dict[str, int | None] = {"signal": None}
     previous = {}
 
     def handler(signum, frame):
         if state["signal"] is not None:
-            raise KeyboardInterrupt
+            stop_now(128 + signum, f"rpp.train: got a second {signal.Signals(signum).name}: stopping now without "
+                     "saving; the last checkpoint is kept")  # fmt: skip
         state["signal"] = signum
         tqdm.write(f"rpp.train: got {signal.Signals(signum).name}: finishing this step, saving, then exiting")
 
@@ -98,6 +180,31 @@ def stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def process_group_timeout(stall_timeout: float) -> float:
+    """Collectives give up a minute after the watchdog would have stopped the run (so the watchdog's clean stop comes
+    first); without a watchdog, PyTorch's default of 30 minutes, set explicitly."""
+    return stall_timeout + 60 if stall_timeout > 0 else 1800.0
+
+
+def check_resume_options(state: dict, tcfg, mcfg, path: Path) -> None:
+    """UserError when an option outside RESUME_MAY_CHANGE differs from the checkpoint's (an option the checkpoint
+    predates counts as its default)."""
+    from rpp.method import MethodConfig
+
+    before = {**state["train_config"], **state["method_config"]}
+    defaults = {f.name: checkpoint_default(f) for cls in (TrainConfig, MethodConfig) for f in dataclass_fields(cls)}
+    now = {**asdict(tcfg), **asdict(mcfg)}
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and before.get(k, defaults.get(k)) != now[k]]
+    if changed:
+        key = changed[0]
+        more = f" (and {', '.join('--' + k.replace('_', '-') for k in changed[1:])})" if len(changed) > 1 else ""
+        raise UserError(
+            f"--resume: --{key.replace('_', '-')} was {before.get(key, defaults.get(key))!r} in {path}, now "
+            f"{now[key]!r}{more}: a resumed run continues with its checkpoint's options; drop the changed option or "
+            "start a new run in another --output"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -135,23 +242,30 @@ def save(
     if distributed.any_rank(not finite, info.device):
         raise NonFiniteError(f"learnable parameters became non-finite by step {step}")
     rng = gather_rng(generator, info)
-    if not info.is_main:
-        return
-    prompts = method.prompt_state_dict()
-    meta = {"method_config": asdict(mcfg), "classnames": classnames, "step": step}
-    checkpoint.atomic_save({"prompts": prompts, **meta}, out / checkpoint.PROMPTS_FILE)
-    state = {
-        **meta,
-        "prompts": prompts,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng,
-        "world_size": info.world,
-        "position": position,
-        "train_config": asdict(tcfg),
-    }
-    checkpoint.atomic_save(state, out / checkpoint.STATE_FILE)
+    error = None
+    if info.is_main:
+        state = {
+            "format": checkpoint.STATE_FORMAT,
+            "version": checkpoint.SCHEMA_VERSION,
+            "step": step,
+            "seed": tcfg.seed,
+            "prompts": method.prompt_state_dict(),
+            "method_config": asdict(mcfg),
+            "classnames": classnames,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+            "world_size": info.world,
+            "position": position,
+            "train_config": asdict(tcfg),
+        }
+        try:
+            checkpoint.save_checkpoint(out, state)
+        except UserError as e:  # disk full, quota, permissions: every rank stops, the last checkpoint stays
+            error = e
+    if distributed.any_rank(error is not None, info.device):
+        raise error or UserError(f"rank 0 could not write the checkpoint of step {step} in {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,14 +279,24 @@ def train(argv: list[str] | None = None) -> int:
         [TrainConfig, MethodConfig], argv, prog="python -m rpp.train", description=DESCRIPTION, tool="rpp.train"
     )
     validate(tcfg)
+    mcfg.validate()
     out = Path(tcfg.output)
     state_path = None if tcfg.resume is None else checkpoint.resolve_resume(tcfg.resume, tcfg.output)
     checkpoint.check_output_dir(out, state_path)
+    state = None
+    if state_path is not None:
+        state = checkpoint.load_train_state(state_path)  # validated before anything is built or written
+        check_resume_options(state, tcfg, mcfg, state_path)
+    checkpoint.trust_torchscript(tcfg.trust_torchscript)
     register_tiny_models()
-    info = distributed.init()
+    info = distributed.init(timeout_s=process_group_timeout(tcfg.stall_timeout))
     log = print if info.is_main else (lambda *a, **k: None)
     if info.is_main:
         checkpoint.make_output_dir(out)
+        if checkpoint.remove_stale_temp_files(out):
+            log(f"rpp.train: removed temporary files an interrupted save left in {out}")
+        if state is not None and state_path.parent.resolve() == out.resolve() and checkpoint.repair_prompts(out, state):
+            log(f"rpp.train: rewrote {checkpoint.PROMPTS_FILE} from {checkpoint.STATE_FILE} (step {state['step']})")
 
     spec = data.resolve(tcfg.data, tcfg.data_format, tcfg.classnames, tcfg.seed, tcfg.eval_data)
     cache = None
@@ -191,19 +315,8 @@ def train(argv: list[str] | None = None) -> int:
     scaler = torch.amp.GradScaler(info.device.type, enabled=mcfg.precision == "fp16")
     generator = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + info.rank)
 
-    step = 0
-    state = None
-    if state_path is not None:
-        state = checkpoint.load(state_path, "training state")
-        if not {"step", "train_config", "prompts", "optimizer", "rng"} <= set(state):
-            raise UserError(f"--resume: {state_path} is not a training state written by rpp.train (resume from the "
-                            f"{checkpoint.STATE_FILE} of a run directory)")  # fmt: skip
-        step = state["step"]
-        for key in RESUME_MUST_MATCH:
-            before, now = state["train_config"].get(key), getattr(tcfg, key)
-            if before != now:
-                raise UserError(f"--resume: --{key.replace('_', '-')} was {before!r} in {state_path}, now {now!r}; "
-                                "the data order would not continue the interrupted run")  # fmt: skip
+    step = 0 if state is None else state["step"]
+    if state is not None:
         log(f"rpp.train: resuming from {state_path} at step {step}")
 
     loader, batches_per_epoch = data.train_loader(
@@ -224,10 +337,14 @@ def train(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, warmup_factor))
 
     if state is not None:
-        method.load_prompt_state_dict(state["prompts"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        try:
+            method.load_prompt_state_dict(state["prompts"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"--resume: {state_path} does not fit this model: {type(e).__name__}: {first}") from None
         if state["world_size"] == info.world:
             checkpoint.set_rng_state(state["rng"][info.rank], generator)
         else:
@@ -290,9 +407,15 @@ def _loop(tcfg, method, model, loader, cache, optimizer, scheduler, scaler, gene
         save(out, method, optimizer, scheduler, scaler, generator, s, position(s), tcfg, mcfg, spec.classnames, info)
         saved_step = s
 
+    def kept() -> str:
+        if saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last checkpoint (step {saved_step}) in {out} is kept; continue with --resume"
+
     bar = tqdm(total=total, initial=step, disable=not info.is_main, desc="rpp.train", dynamic_ncols=True)
     batches = iter(loader)
-    with stop_on_signals() as stop:
+    grace = min(tcfg.stall_timeout, SIGNAL_GRACE_S) if tcfg.stall_timeout > 0 else SIGNAL_GRACE_S
+    with stop_on_signals() as stop, Watchdog(tcfg.stall_timeout, grace, kept) as watchdog:
         while step < total:
             t0 = time.perf_counter()
             views, labels, indices, skipped = next(batches)
@@ -337,14 +460,15 @@ def _loop(tcfg, method, model, loader, cache, optimizer, scheduler, scaler, gene
                 stopping = distributed.any_rank(stop["signal"] is not None, info.device)
                 if step % tcfg.save_every == 0 or step == total or stopping:
                     checkpoint_now(step)
+                watchdog.heartbeat()
             except NonFiniteError as e:
                 bar.close()
-                kept = (
+                good = (
                     f"kept the last good checkpoint (step {saved_step}) in {out}"
                     if saved_step is not None
                     else ("no checkpoint had been written yet")
                 )
-                print(f"rpp.train: error: {e}; stopping, {kept}", file=sys.stderr)
+                print(f"rpp.train: error: {e}; stopping, {good}", file=sys.stderr)
                 return EXIT_NON_FINITE
             if stopping:
                 bar.close()

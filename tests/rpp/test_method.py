@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 
+from rpp import checkpoint
 from rpp.errors import UserError
 from rpp.method import MethodConfig, RPPMethod
 from rpp.models import load_clip, register_tiny_models
@@ -201,6 +202,12 @@ def test_load_clip_state_dict_and_openai_torchscript(tmp_path):
     archive = tmp_path / "tiny-openai.pt"
     with pytest.warns(FutureWarning):
         torch.jit.save(torch.jit.script(reference), archive)
-    model, _, _ = load_clip("rpp-tiny", str(archive))
+    with pytest.raises(UserError, match="TorchScript archive, which can run code"):
+        load_clip("rpp-tiny", str(archive))  # torch.jit.load only on the explicit opt-in for this very file
+    checkpoint.trust_torchscript(archive)
+    try:
+        model, _, _ = load_clip("rpp-tiny", str(archive))
+    finally:
+        checkpoint.trust_torchscript(None)
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     torch.testing.assert_close(model.visual.proj, reference.visual.proj)
