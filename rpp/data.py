@@ -24,16 +24,17 @@ import re
 import signal
 import tarfile
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torch.utils.data.distributed import DistributedSampler
 
+from rpp import index as image_index
 from rpp.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".JPEG")
@@ -162,21 +163,54 @@ def read_classnames(path: str | os.PathLike) -> tuple[list[str], list[str] | Non
     return lines, None
 
 
-def image_folder(root: str, classnames_file: str | None = None) -> tuple[ImageFiles, list[str]]:
+def image_folder(
+    root: str, classnames_file: str | None = None, *, cache_dir: str | None = None
+) -> tuple[image_index.ImageIndex, list[str]]:
     """`root/<class>/**/*.jpg` (torchvision ImageFolder layout): labels follow the sorted folder names. Class names
-    come from `classnames_file` (one per line, in sorted-folder order) or the folder names with '_' -> ' '."""
-    base = _existing_dir(root)
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"no class folders in {root}: expected {root}/<class name>/<image files>")
-    samples = [(path, label) for label, c in enumerate(classes) for path in _list_images(base / c)]
-    if not samples:
-        raise UserError(f"no image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
+    come from `classnames_file` (one per line, in sorted-folder order) or the folder names with '_' -> ' '.
+    `root` may also be an index folder or a file list (see rpp.index); the images are held as a compact
+    `rpp.index.ImageIndex`, saved in and reused from `cache_dir` when one is given."""
+    index = _index(root, "imagefolder", cache_dir)
+    return index, _index_classnames(index, classnames_file, root)
+
+
+def _index(data: str, layout: str, cache_dir: str | None) -> image_index.ImageIndex:
+    """The index of an index folder, a file list or a folder tree (walked once, or reused from `cache_dir`)."""
+    p = Path(data)
+    if image_index.is_index(p):
+        return image_index.load_index(p)
+    progress = image_index._rank() == 0
+    if p.is_file() and cache_dir is None:
+        return image_index.build_index(p, progress=progress)
+    base = p if p.is_file() else image_index.tree_base(p, layout)
+    if not p.is_file() and not image_index._class_folders(base, layout):
+        what = "synset folders (nXXXXXXXX)" if layout == "imagenet21k" else "class folders"
+        raise UserError(f"no {what} in {data}: expected {data}/<class>/<image files>")
+    if cache_dir is None:
+        return image_index.scan_tree(p, layout, progress=progress)
+    return image_index.cached_index(p, None if p.is_file() else layout, cache_dir, progress=progress)
+
+
+def _index_classnames(index: image_index.ImageIndex, classnames_file: str | None, data: str) -> list[str]:
+    """One name per class of `index`: synsets through a class-description file (`classnames_file`, else one found
+    next to the images), other class folders through `classnames_file` or their own names ('_' -> ' ')."""
+    if index.layout == "imagenet21k":
+        if classnames_file is None:
+            base = Path(index.root)
+            candidates = [d / f for d in (base, base.parent, base.parent.parent) for f in DESCRIPTION_FILES]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                raise UserError(
+                    f"no class-description file for {data}: pass --classnames (words.txt format or one name "
+                    f"per line), or put words.txt in {base}"
+                )
+            classnames_file = str(found[0])
+        return _names_for_folders(index.classes, classnames_file, data, "synset folders")
     if classnames_file:
-        names = _names_for_folders(classes, classnames_file, root, "class folders")
-    else:
-        names = [c.replace("_", " ") for c in classes]
-    return ImageFiles(samples), names
+        return _names_for_folders(index.classes, classnames_file, data, "class folders")
+    if index.source.get("label_ids"):
+        raise UserError(f"{data} labels its classes by number: pass --classnames FILE (one name per line, in id order)")
+    return [c.replace("_", " ") for c in index.classes]
 
 
 def _names_for_folders(folders: list[str], classnames_file: str, root: str, kind: str) -> list[str]:
@@ -196,29 +230,14 @@ def _names_for_folders(folders: list[str], classnames_file: str, root: str, kind
 DESCRIPTION_FILES = ("words.txt", "imagenet21k_wordnet_lemmas.txt", "LOC_synset_mapping.txt", "classnames.txt")
 
 
-def imagenet21k_folder(root: str, classnames_file: str | None = None) -> tuple[ImageFiles, list[str]]:
-    """ImageNet-21K winter21 tree: `root/nXXXXXXXX/*.JPEG` (or `root/train/nXXXXXXXX/`). Names come from a
-    class-description file (`--classnames`, else words.txt or LOC_synset_mapping.txt found in root or its parent)."""
-    base = _existing_dir(root)
-    if not any(SYNSET.match(d.name) for d in base.iterdir() if d.is_dir()) and (base / "train").is_dir():
-        base = base / "train"
-    synsets = sorted(d.name for d in base.iterdir() if d.is_dir() and SYNSET.match(d.name))
-    if not synsets:
-        raise UserError(f"no synset folders (nXXXXXXXX) in {root}: expected the ImageNet-21K winter21 folder tree")
-    if classnames_file is None:
-        candidates = [d / f for d in (base, base.parent, base.parent.parent) for f in DESCRIPTION_FILES]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise UserError(
-                f"no class-description file for {root}: pass --classnames (words.txt format or one name "
-                f"per line), or put words.txt in {base}"
-            )
-        classnames_file = str(found[0])
-    names = _names_for_folders(synsets, classnames_file, root, "synset folders")
-    samples = [(path, label) for label, s in enumerate(synsets) for path in _list_images(base / s)]
-    if not samples:
-        raise UserError(f"no image files in the synset folders of {root}")
-    return ImageFiles(samples), names
+def imagenet21k_folder(
+    root: str, classnames_file: str | None = None, *, cache_dir: str | None = None
+) -> tuple[image_index.ImageIndex, list[str]]:
+    """ImageNet-21K winter21 tree: `root/nXXXXXXXX/*.JPEG` (or `root/train/nXXXXXXXX/`), an index folder or a file
+    list. Names come from a class-description file (`--classnames`, else words.txt or LOC_synset_mapping.txt found in
+    root or its parent). Held as a compact `rpp.index.ImageIndex` (see `image_folder`)."""
+    index = _index(root, "imagenet21k", cache_dir)
+    return index, _index_classnames(index, classnames_file, root)
 
 
 def _existing_dir(path: str) -> Path:
@@ -232,13 +251,13 @@ def _existing_dir(path: str) -> Path:
 
 def few_shot(labels: list[int], shots: int, seed: int) -> list[int]:
     """Sorted indices keeping `shots` images per class (all of a class that has fewer), chosen by `seed`."""
-    by_class: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")  # image positions grouped by class, ascending within each
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
     rng = random.Random(_seed("few-shot", seed))
     keep = []
-    for label in sorted(by_class):
-        idx = by_class[label]
+    for idx in np.split(order, bounds) if len(order) else []:
+        idx = idx.tolist()  # one class at a time: never a Python object per image of the whole dataset
         keep.extend(idx if len(idx) <= shots else rng.sample(idx, shots))
     return sorted(keep)
 
@@ -253,7 +272,7 @@ class ViewsDataset(Dataset):
 
     def __init__(self, source, transform: Callable, views: int = 1, seed: int = 0, indices: list[int] | None = None):
         self.source, self.transform, self.views, self.seed = source, transform, views, seed
-        self.indices = list(range(len(source))) if indices is None else indices
+        self.indices = range(len(source)) if indices is None else indices  # a range: no per-image objects
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -271,7 +290,7 @@ class ViewsDataset(Dataset):
                     warnings.warn(f"skipping corrupt image {self.source.describe(index)}: {e}", stacklevel=1)
                 continue
             views = seeded_views(image, self.transform, self.views, _seed(self.seed, epoch, index))
-            return views, self.source.labels[index], index, skipped
+            return views, int(self.source.labels[index]), index, skipped
         raise RuntimeError(f"{MAX_CONSECUTIVE_CORRUPT} corrupt images in a row near {self.source.describe(index)}")
 
 
@@ -289,14 +308,22 @@ class EpochBatchSampler:
         if self.batches_per_epoch == 0:
             raise UserError(f"dataset of {n} images is too small for batch size {batch_size} on {world} processes")
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """This rank's positions for `epoch` (int64 [ceil(n / world)]): DistributedSampler's order (shuffled with
+        seed + epoch, padded by repetition, strided by rank), as a tensor rather than a Python list of n ints."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g)
+        total = math.ceil(self.n / self.world) * self.world
+        if total > self.n:
+            order = torch.cat([order, order.repeat(math.ceil((total - self.n) / self.n))[: total - self.n]])
+        return order[self.rank : total : self.world]
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, batch = divmod(self.start, self.batches_per_epoch)
         while True:
-            sampler = DistributedSampler(range(self.n), num_replicas=self.world, rank=self.rank, seed=self.seed)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
+            order = self.order(epoch)
             for b in range(batch, self.batches_per_epoch):
-                yield [(epoch, p) for p in order[b * self.batch_size : (b + 1) * self.batch_size]]
+                yield [(epoch, p) for p in order[b * self.batch_size : (b + 1) * self.batch_size].tolist()]
             epoch, batch = epoch + 1, 0
 
 
@@ -339,6 +366,7 @@ def expand_shards(spec: str) -> list[str]:
     return shards
 
 
+_UNDECODED = object()
 SHARD_SHIFT = 32  # sample id = shard << SHARD_SHIFT | position: 4 billion samples per shard, 2**31 shards in int64
 
 
@@ -415,7 +443,8 @@ class WebDatasetStream(IterableDataset):
     worker, as webdataset's split_by_node/split_by_worker); with fewer shards than slots, every slot reads all
     shards and keeps every (world*workers)-th sample, so no slot is starved. A small seeded shuffle buffer mixes
     samples within a slot. `start` = batches this rank already consumed: each worker skips the raw samples behind
-    them without decoding, so a resumed run continues where it stopped.
+    them without decoding, so a resumed run continues where it stopped. Every raw sample is one item: a corrupt one
+    is replaced by the next readable sample (and counted in `skipped`), so positions never depend on decoding.
     """
 
     def __init__(
@@ -461,18 +490,30 @@ class WebDatasetStream(IterableDataset):
         # part of worker (w + start) % workers and skips the samples of the batches that one already produced.
         worker = (worker + self.start) % workers
         done = max(0, (self.start - worker + workers - 1) // workers) * self.batch_size
-        skipped = 0
         slots = self._slot_samples(self.rank * workers + worker, self.world * workers)
-        for i, (p, key, sample, index) in enumerate(slots):
-            if i < done:
-                continue
-            decoded = decode_sample(key, sample)
-            if decoded is None:  # skipped and counted
-                skipped += 1
-                continue
-            image, label = decoded
-            yield seeded_views(image, self.transform, self.views, _seed(self.seed, p, key)), label, index, skipped
-            skipped = 0
+        for _ in range(done):  # raw samples, not decoded: one item per raw sample makes the count exact
+            next(slots)
+        # Item i of the slot is raw sample i, or, if that one is corrupt, the next readable raw sample (as the
+        # map-style datasets do). Counting raw samples, a resumed stream continues exactly where it stopped, whatever
+        # is corrupt, without decoding what it skips; `skipped` is 1 on the item that stands in for a corrupt sample.
+        pending: deque[list] = deque()  # [p, key, sample bytes, id, decoded or _UNDECODED], from the current item on
+        while True:
+            j = 0
+            while True:
+                if j == len(pending):
+                    pending.append([*next(slots), _UNDECODED])
+                entry = pending[j]
+                if entry[4] is _UNDECODED:
+                    entry[4] = decode_sample(entry[1], entry[2])
+                    entry[2] = None  # the bytes are not needed once decoded
+                if entry[4] is not None:
+                    break
+                j += 1
+                if j == MAX_CONSECUTIVE_CORRUPT:
+                    raise RuntimeError(f"{MAX_CONSECUTIVE_CORRUPT} corrupt webdataset samples in a row near {entry[1]}")
+            p, key, _, index, (image, label) = pending[j]
+            yield seeded_views(image, self.transform, self.views, _seed(self.seed, p, key)), label, index, int(j > 0)
+            pending.popleft()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +534,9 @@ class DataSpec:
         """Identifies the image list and class list (checked when a teacher cache is used). Shards count by file
         name (not directory, so a moved shard set still matches), size and modification time, in the order given."""
         h = hashlib.sha256(repr(self.classnames).encode())
-        if self.source is not None:
+        if isinstance(self.source, image_index.ImageIndex):  # computed when the index was built: O(1) here
+            h.update(f"index:{self.source.fingerprint}".encode())
+        elif self.source is not None:
             h.update(str(len(self.source)).encode())
             for i in range(len(self.source)):
                 h.update(f"{self.source.describe(i)}:{self.source.labels[i]}\n".encode())
@@ -509,15 +552,25 @@ def infer_format(path: str | None) -> str:
     p = Path(path)
     if path.endswith(".tar") or ("{" in path and "}" in path) or (p.is_dir() and any(p.glob("*.tar"))):
         return "webdataset"
+    layout = image_index.index_layout(p) if p.is_dir() else None
+    if layout is not None:
+        return layout
     if p.is_dir() and any(SYNSET.match(d.name) for d in p.iterdir() if d.is_dir()):
         return "imagenet21k"
     return "imagefolder"
 
 
 def resolve(
-    data: str | None, data_format: str | None, classnames: str | None, seed: int = 0, eval_data: str | None = None
+    data: str | None,
+    data_format: str | None,
+    classnames: str | None,
+    seed: int = 0,
+    eval_data: str | None = None,
+    *,
+    index_cache: str | None = None,
 ) -> DataSpec:
-    """Find the images and class names; UserError for anything missing."""
+    """Find the images and class names; UserError for anything missing. Folder trees and file lists become a compact
+    `rpp.index.ImageIndex`, saved in and reused from `index_cache` when given (rank 0 builds, other ranks map it)."""
     fmt = data_format or infer_format(data)
     if fmt != "builtin" and data is None:
         raise UserError(f"--data-format {fmt} needs --data PATH")
@@ -534,12 +587,12 @@ def resolve(
         spec = DataSpec(fmt, names, shards=shards)
     else:
         load = image_folder if fmt == "imagefolder" else imagenet21k_folder
-        source, names = load(data, classnames)
+        source, names = load(data, classnames, cache_dir=index_cache)
         spec = DataSpec(fmt, names, source)
     _warn_duplicate_names(spec.classnames)
     if eval_data is not None:
         load = imagenet21k_folder if infer_format(eval_data) == "imagenet21k" else image_folder
-        spec.eval_source, eval_names = load(eval_data, classnames)
+        spec.eval_source, eval_names = load(eval_data, classnames, cache_dir=index_cache)
         if eval_names != spec.classnames:
             raise UserError(f"--eval-data {eval_data} has different classes than --data {data}")
     return spec
