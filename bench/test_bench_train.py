@@ -76,6 +76,8 @@ def methods():
             vision_prompts=vision_prompts,
             vision_depth=SETUP["depth"],
             precision=SETUP["precision"],
+            kd_classes="teacher-topk",  # the baseline below forces the teacher's top-k into the class set too
+            allow_random_weights=True,  # timing only: random ViT-B-16 / ViT-L-14 weights
         )
         built[vision_prompts] = RPPMethod(cfg, imagenet_classnames(SETUP["classes"]), DEVICE)
     return built

@@ -1,4 +1,14 @@
-"""POMP-style class sampling per step and the locally corrected cross-entropy over the sampled classes."""
+"""Class sampling per step and the locally corrected cross-entropy over the sampled classes.
+
+Two objectives (``--sampling``):
+
+* ``pomp``: POMP's code (amazon-science/prompt-pretraining, ``trainers/pomp.py``): every row scores its own label
+  against ``K - 1`` negatives shared by the batch (:func:`sample_pomp_negatives`); a negative equal to the row's label
+  is masked; each row's negatives get its own local correction (:func:`pomp_correction`); :func:`pomp_cross_entropy`.
+* ``rpp``: one shared class set per step (:func:`sample_classes`): in-batch labels (optionally with the teacher's
+  top-k) and uniform random negatives up to ``K``, one global correction (:func:`local_correction`),
+  :func:`corrected_cross_entropy` over the whole set.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClassSample", "corrected_cross_entropy", "full_class_set", "local_correction", "sample_classes"]
+__all__ = [
+    "NEGATIVE_MODES",
+    "ClassSample",
+    "corrected_cross_entropy",
+    "full_class_set",
+    "local_correction",
+    "negative_probs",
+    "pomp_correction",
+    "pomp_cross_entropy",
+    "sample_classes",
+    "sample_pomp_negatives",
+]
+
+NEGATIVE_MODES = ("random", "hard", "easy")
 
 
 @dataclass
@@ -110,3 +133,96 @@ def corrected_cross_entropy(
         target_logits = logits.gather(1, targets[:, None]) - correction
         logits = logits.scatter(1, targets[:, None], target_logits)
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+# ------------------------------------------------------------------------------------------------------------ POMP
+
+
+def negative_probs(image_feats: torch.Tensor, bank: torch.Tensor, logit_scale: float, mode: str) -> torch.Tensor:
+    """POMP's sampling distribution ``[C]`` over all classes for ``hard`` / ``easy`` negatives.
+
+    image_feats: ``[B, E]`` unit norm; bank: ``[C, E]`` unit-norm text features of every class. The batch-mean logit
+    of each class, softmaxed (``hard``: likely classes drawn more often) or negated first (``easy``). Equivalent::
+
+        m = (logit_scale * image_feats @ bank.T).mean(0)
+        torch.softmax(m if mode == "hard" else -m, 0)
+    """
+    if mode not in ("hard", "easy"):
+        raise ValueError(f"negative_probs: mode must be 'hard' or 'easy', got {mode!r}")
+    mean_logits = (logit_scale * image_feats.detach().float() @ bank.detach().float().T).mean(0)
+    return torch.softmax(mean_logits if mode == "hard" else -mean_logits, dim=0)
+
+
+def sample_pomp_negatives(
+    num_classes: int, num_negatives: int, generator: torch.Generator, probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[num_negatives]`` int64 class ids shared by every row of the batch (CPU), drawn from all classes, labels
+    included (those are masked per row by :func:`pomp_correction`).
+
+    ``probs`` None (POMP's ``random`` mode): distinct classes, the first of ``torch.randperm(num_classes,
+    generator=generator)``. ``probs`` ``[C]`` (``hard`` / ``easy``, see :func:`negative_probs`): drawn with
+    replacement, as POMP's ``np.random.choice(C, size, p=probs)``, here ``torch.multinomial(probs, n, True,
+    generator=generator)``.
+    """
+    if not 1 <= num_negatives <= num_classes:
+        raise ValueError(f"sample_pomp_negatives: need 1 <= negatives <= {num_classes} classes, got {num_negatives}")
+    if probs is None:
+        return torch.randperm(num_classes, generator=generator, device=generator.device).cpu()[:num_negatives]
+    if probs.shape != (num_classes,):
+        raise ValueError(f"sample_pomp_negatives: probs must have shape [{num_classes}], got {list(probs.shape)}")
+    return torch.multinomial(probs.detach().float().cpu(), num_negatives, replacement=True, generator=generator)
+
+
+def pomp_correction(
+    labels: torch.Tensor,
+    negatives: torch.Tensor,
+    num_classes: int,
+    neg_probs: torch.Tensor | None = None,
+    log10: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(correction [B, N], reject [B, N])`` for labels ``[B]`` and shared negatives ``[N]`` (global ids).
+
+    reject: ``labels[i] == negatives[j]`` (that column is the row's own class: masked out of its softmax).
+    correction, added to row i's negative logits (POMP's local correction; ``log`` is ``log10`` as in POMP's code, or
+    the natural log with ``log10=False``):
+
+    * random negatives: ``log(C - 1) - log(N - r_i)`` with ``r_i`` the row's rejected columns: each of the row's
+      ``N - r_i`` true negatives stands for ``(C - 1) / (N - r_i)`` classes;
+    * hard / easy negatives drawn with probabilities ``p`` (``neg_probs`` ``[N]``, the probability of each drawn
+      class): ``-log(p_j)``, the same for every row.
+    """
+    labels, negatives = labels.detach().long(), negatives.detach().long().to(labels.device)
+    reject = labels[:, None] == negatives[None, :]
+    log = torch.log10 if log10 else torch.log
+    if neg_probs is None:
+        true_negatives = (len(negatives) - reject.sum(-1, keepdim=True)).clamp_min(1).double()
+        correction = log(torch.tensor(float(num_classes - 1), dtype=torch.float64)) - log(true_negatives)
+        correction = correction.float().expand(-1, len(negatives))
+    else:
+        correction = -log(neg_probs.detach().double().to(labels.device)).float()[None, :].expand(len(labels), -1)
+    return correction, reject
+
+
+def pomp_cross_entropy(
+    pos_logits: torch.Tensor,
+    neg_logits: torch.Tensor,
+    reject: torch.Tensor,
+    correction: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """POMP's loss: cross-entropy of ``[pos_i, negatives of row i]`` with the positive as target.
+
+    pos_logits: ``[B]`` (row i against its own label); neg_logits: ``[B, N]``; reject ``[B, N]`` bool masks a
+    negative equal to the row's label (POMP subtracts 1e6; here -inf, the same softmax); correction ``[B, N]`` is
+    added to the negative logits. Equivalent PyTorch::
+
+        logits = torch.cat([pos[:, None], neg - 1e6 * reject + correction], 1)
+        F.cross_entropy(logits, torch.zeros(B, dtype=torch.long))
+    """
+    neg = neg_logits.float()
+    if correction is not None:
+        neg = neg + correction.to(neg.device)
+    neg = neg.masked_fill(reject.to(neg.device), float("-inf"))
+    logits = torch.cat([pos_logits.float()[:, None], neg], dim=1)
+    targets = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, targets, reduction=reduction)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import warnings
 import zipfile
@@ -15,7 +16,9 @@ import torch.nn as nn
 from rpp.checkpoint import check_torchscript_trusted
 from rpp.errors import UserError
 
-__all__ = ["TINY_MODELS", "load_clip", "register_tiny_models"]
+__all__ = ["TINY_MODELS", "check_weights_given", "load_clip", "register_tiny_models"]
+
+logger = logging.getLogger(__name__)
 
 
 def _tiny_config(embed_dim: int, width: int, layers: int, heads: int) -> dict:
@@ -72,8 +75,31 @@ def _load_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state_dict.items()}
 
 
-def load_clip(name: str, pretrained: str | None, *, role: str = "model") -> tuple[nn.Module, object, object]:
-    """Create open_clip model ``name`` on CPU in fp32 with weights from the local file ``pretrained`` (None: random).
+def check_weights_given(name: str, pretrained: str | None, role: str, allow_random: bool) -> None:
+    """No silent random weights: ``pretrained`` None is allowed only for the built-in demo models (:data:`TINY_MODELS`,
+    which exist only with random weights) or with ``allow_random``; both are logged. Else :class:`UserError`."""
+    if pretrained is not None:
+        return
+    if name in TINY_MODELS:
+        logger.warning(
+            "%s none: %s is a built-in demo model with random weights (the embedded demo, not CLIP)", role, name
+        )
+    elif allow_random:
+        logger.warning("%s none: %s has RANDOM weights (--allow-random-weights): results mean nothing", role, name)
+    else:
+        raise UserError(
+            f"{role}: no weights file for model {name!r} (give a local open_clip or OpenAI checkpoint; random "
+            "weights only with --allow-random-weights, for tests)"
+        )
+
+
+def load_clip(
+    name: str, pretrained: str | None, *, role: str = "model", allow_random: bool = False
+) -> tuple[nn.Module, object, object]:
+    """Create open_clip model ``name`` on CPU in fp32 with weights from the local file ``pretrained``.
+
+    ``pretrained`` None: random weights, allowed only for the built-in demo models or with ``allow_random`` (see
+    :func:`check_weights_given`), else a :class:`UserError`.
 
     Returns ``(model, preprocess_train, preprocess_val)``. OpenAI TorchScript archives (``ViT-B-16.pt`` from the
     OpenAI release) are detected and loaded with QuickGELU, as those weights were trained with it; for OpenAI weights
@@ -85,6 +111,7 @@ def load_clip(name: str, pretrained: str | None, *, role: str = "model") -> tupl
     if name not in open_clip.list_models():
         option = {"--pretrained": "--model", "--teacher-pretrained": "--teacher"}.get(role, role)
         raise UserError(f"{option}: unknown open_clip model {name!r}; choose one of open_clip.list_models()")
+    check_weights_given(name, pretrained, role, allow_random)
     kwargs: dict = {}
     state_dict = None
     if pretrained is not None:

@@ -73,11 +73,12 @@ class Teacher:
         *,
         templates: str = "simple",
         cache_dir: str | Path | None = None,
+        allow_random: bool = False,
     ):
         if templates not in TEMPLATES:
             raise UserError(f"--teacher-templates: expected one of {sorted(TEMPLATES)}, got {templates!r}")
         self.device = torch.device(device)
-        model, _, _ = load_clip(model_name, pretrained, role="--teacher-pretrained")
+        model, _, _ = load_clip(model_name, pretrained, role="--teacher-pretrained", allow_random=allow_random)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype)
         self.image_size = tuple(model.visual.image_size)

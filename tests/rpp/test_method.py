@@ -1,15 +1,19 @@
 """RPPMethod on the tiny random-weight open_clip configs: training step, prompts, zero-shot, teacher, errors."""
 
 import dataclasses
+import math
 
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rpp import checkpoint
 from rpp.errors import UserError
-from rpp.method import MethodConfig, RPPMethod
-from rpp.models import load_clip, register_tiny_models
+from rpp.losses import corrected_cross_entropy, local_correction, pomp_correction, sample_classes
+from rpp.method import MethodConfig, RPPMethod, restricted_teacher_logits
+from rpp.models import check_weights_given, load_clip, register_tiny_models
+from rpp_kernels.text import encode_text_naive
 
 CLASSNAMES = [f"object number {i}" for i in range(24)]
 
@@ -76,7 +80,7 @@ def test_loss_terms_and_class_count():
 
 
 def test_offline_teacher_topk_matches_online_teacher():
-    method = make()
+    method = make(kd_classes="teacher-topk")
     images, labels = batch()
     online = method.loss(images, labels, torch.Generator().manual_seed(3))
     cached = method.teacher_topk(images, 3)
@@ -211,3 +215,152 @@ def test_load_clip_state_dict_and_openai_torchscript(tmp_path):
         checkpoint.trust_torchscript(None)
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     torch.testing.assert_close(model.visual.proj, reference.visual.proj)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 14
+
+
+def _explicit_features(method, images, names):
+    """Student features the independent way: open_clip's encode_image and the naive 77-token text encoding."""
+    img = torch.nn.functional.normalize(method.clip.encode_image(images).float(), dim=-1)
+    text = encode_text_naive(method.clip, names, **method.text_encoder.prompt_parameters())
+    return img, torch.nn.functional.normalize(text.float(), dim=-1)
+
+
+def test_kd_over_the_sampled_classes_is_the_default():
+    """--kd-classes sampled: the step keeps exactly K classes (labels + random negatives), and KD is the teacher's
+    top-k among those K classes, written out here."""
+    method = make(classes_per_step=12, kd_topk=3, temperature=2.0)
+    images, labels = batch()
+    out = method.loss(images, labels, torch.Generator().manual_seed(4))
+    sample = sample_classes(labels, len(CLASSNAMES), 12, torch.Generator().manual_seed(4))
+    assert out["num_classes"].item() == 12 == len(sample.classes)
+    with torch.no_grad():
+        img, text = _explicit_features(method, images, [CLASSNAMES[i] for i in sample.classes.tolist()])
+        s = method.logit_scale() * img @ text.T
+        t = method.teacher.logits(images)[:, sample.classes]
+        vals, idx = t.topk(3, dim=-1)
+        p = torch.zeros_like(s).scatter(1, idx, torch.softmax(vals / 2.0, dim=-1))
+        kl = (p * (p.clamp_min(1e-30).log() - torch.log_softmax(s / 2.0, dim=-1))).sum(-1).mean()
+        ce = corrected_cross_entropy(s, sample.targets, local_correction(len(CLASSNAMES), 12))
+    torch.testing.assert_close(out["kd"], 4.0 * kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["ce"], ce, rtol=1e-4, atol=1e-5)
+
+    # A cached top-k over every class, restricted to the step's classes, gives the same KD as the online teacher.
+    cached = method.teacher_topk(images, len(CLASSNAMES))
+    offline = method.loss(images, labels, torch.Generator().manual_seed(4), teacher_topk=cached)
+    for key in ("loss", "ce", "kd", "num_classes"):
+        torch.testing.assert_close(offline[key], out[key], rtol=1e-4, atol=1e-5)
+
+
+def test_restricted_teacher_logits():
+    indices = torch.tensor([[5, 2, 9], [7, 8, 6]])
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
+    logits = restricted_teacher_logits(indices, probs, torch.tensor([9, 1, 5, 3]), temperature=2.0)
+    inf = float("-inf")
+    expected = torch.tensor([[2 * math.log(0.2), inf, 2 * math.log(0.5), inf], [inf, inf, inf, inf]])
+    torch.testing.assert_close(logits, expected)
+
+
+def _pomp_reference_loss(method, images, labels, seed, mode="random", bank_names=None):
+    """An independent transcription of POMP's CustomCLIP.forward (trainers/pomp.py, EPT=True, LOCAL_CORRECTION=True),
+    with its torch.randperm / np.random.choice draws taken from a generator seeded like the method's."""
+    C, K = len(CLASSNAMES), method.cfg.classes_per_step
+    num_oob = K - 1
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(method.clip.encode_image(images).float(), dim=-1)
+    logit_scale = method.clip.logit_scale.exp()
+    label_all = torch.arange(0, C)
+    if mode == "random":
+        perm = torch.randperm(label_all.size(0), generator=g)
+        label_oob = label_all[perm[:num_oob]]
+    else:
+        with torch.no_grad():  # POMP: memory_bank.clone().detach(), probabilities through numpy
+            _, bank = _explicit_features(method, images, CLASSNAMES)
+            neg_logits = (logit_scale * img @ bank.t()).mean(dim=0)
+        if mode == "easy":
+            neg_logits = -neg_logits
+        prob = torch.softmax(neg_logits, dim=0)
+        label_oob = label_all[torch.multinomial(prob, num_oob, replacement=True, generator=g)]
+        prob = prob[label_oob]
+    label_upd = torch.cat([labels, label_oob])
+    _, text = _explicit_features(method, images, [CLASSNAMES[i] for i in label_upd.tolist()])
+    logits_pos = logit_scale * (img * text[: labels.size(0)]).sum(dim=-1, keepdims=True)
+    logits_neg = logit_scale * img @ text[-num_oob:].t()
+    bsz = images.size(0)
+    reject_labels = labels.unsqueeze(1) == label_oob.unsqueeze(0).expand(bsz, -1)
+    logits_neg = logits_neg - 1e6 * reject_labels
+    if mode == "random":
+        logits_neg = logits_neg + torch.log10(torch.tensor(C - 1.0))
+        true_label_oob_num = torch.tensor([[num_oob]] * bsz).float() - reject_labels.sum(-1, keepdims=True).float()
+        logits_neg = logits_neg - torch.log10(true_label_oob_num)
+    else:
+        logits_neg = logits_neg - torch.log10(prob)
+    logits = torch.cat([logits_pos, logits_neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(bsz, dtype=torch.long)), reject_labels
+
+
+@pytest.mark.parametrize("mode", ["random", "hard", "easy"])
+def test_pomp_sampling_is_pomps_code(mode):
+    """--sampling pomp recomputed for a fixed seed with an independent transcription of POMP's formulas: per-row
+    labels, K-1 shared negatives, masking of a row's own label, the per-row log10 correction; loss and prompt
+    gradients agree."""
+    method = make(sampling="pomp", text_prompt="pomp", classes_per_step=9, teacher=None, kd_weight=0.0,
+                  correction_log10=True, negatives=mode)  # fmt: skip
+    seed = 11
+    perm = torch.randperm(len(CLASSNAMES), generator=torch.Generator().manual_seed(seed))
+    images, _ = batch(6)
+    labels = torch.tensor([int(perm[0]), int(perm[3]), int(perm[3]), int(perm[20]), 1, int(perm[21])])
+    out = method.loss(images, labels, torch.Generator().manual_seed(seed))
+    out["loss"].backward()
+    ours = [p.grad.clone() for p in method.learnable_parameters()]
+    method.zero_grad()
+    ref, reject = _pomp_reference_loss(method, images, labels, seed, mode)
+    if mode == "random":
+        assert reject[:3].any(-1).all() and not reject[3].any()  # rows with and without a masked negative
+    ref.backward()
+    torch.testing.assert_close(out["ce"], ref.detach(), rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(ours, [p.grad for p in method.learnable_parameters()], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_pomp_sampling_with_distillation_and_natural_log():
+    method = make(sampling="pomp", classes_per_step=9, kd_topk=3)
+    images, labels = batch()
+    out = method.loss(images, labels, torch.Generator().manual_seed(2))
+    assert out["kd"] > 0 and out["ce"] > 0 and 9 <= out["num_classes"].item() <= 9 + len(labels)
+    negatives = torch.randperm(len(CLASSNAMES), generator=torch.Generator().manual_seed(2))[:8]
+    correction, reject = pomp_correction(labels, negatives, len(CLASSNAMES), log10=False)
+    expected = math.log(len(CLASSNAMES) - 1) - torch.log(8 - reject.sum(-1, keepdim=True).double()).float()
+    torch.testing.assert_close(correction, expected.expand(-1, 8))
+
+
+def test_random_weights_only_for_demo_models_or_on_request(caplog):
+    with pytest.raises(UserError, match="--pretrained: no weights file for model 'ViT-B-16'.*--allow-random-weights"):
+        check_weights_given("ViT-B-16", None, "--pretrained", allow_random=False)
+    with pytest.raises(UserError, match="--teacher-pretrained: no weights file"):
+        make(teacher="ViT-B-32")
+    with caplog.at_level("WARNING", logger="rpp.models"):
+        check_weights_given("ViT-B-16", None, "--pretrained", allow_random=True)
+        make()
+    assert "RANDOM weights (--allow-random-weights)" in caplog.text
+    assert "rpp-tiny is a built-in demo model with random weights" in caplog.text
+    assert "rpp-tiny-teacher is a built-in demo model" in caplog.text
+    check_weights_given("ViT-B-16", "weights.pt", "--pretrained", allow_random=False)  # a file: nothing to say
+
+
+def test_augmentation_choices():
+    from PIL import Image
+
+    from rpp.data import seeded_views
+
+    image = Image.new("RGB", (48, 40), (120, 30, 200))
+    pomp = make(augment="pomp").preprocess_train
+    assert "RandAugment" in repr(pomp) and "RandomResizedCrop" in repr(pomp)
+    views = seeded_views(image, pomp, 3, seed=1)
+    assert views.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(views, seeded_views(image, pomp, 3, seed=1))  # seeded: reproducible
+    plain = make(augment="none")
+    assert plain.preprocess_train is plain.preprocess_val
+    with pytest.raises(UserError, match="crop-min-scale"):
+        make(crop_min_scale=0.0)
