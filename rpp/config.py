@@ -21,7 +21,7 @@ import yaml
 
 from rpp.errors import UserError
 
-DATA_FORMATS = ("builtin", "imagefolder", "imagenet21k", "webdataset")
+DATA_FORMATS = ("builtin", "imagefolder", "imagenet21k", "imagenet21k-p", "imagenet1k", "imagenet-v2", "webdataset")
 _NONE_WORDS = ("none", "null", "all")
 
 

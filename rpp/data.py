@@ -586,12 +586,16 @@ def resolve(
         names, _ = read_classnames(classnames)
         spec = DataSpec(fmt, names, shards=shards)
     else:
-        load = image_folder if fmt == "imagefolder" else imagenet21k_folder
+        from rpp.datasets import READERS  # ImageNet-21K-P, ImageNet-1K variants with CLIP names, ImageNet-V2
+
+        load = READERS.get(fmt) or (image_folder if fmt == "imagefolder" else imagenet21k_folder)
         source, names = load(data, classnames, cache_dir=index_cache)
         spec = DataSpec(fmt, names, source)
     _warn_duplicate_names(spec.classnames)
     if eval_data is not None:
-        load = imagenet21k_folder if infer_format(eval_data) == "imagenet21k" else image_folder
+        from rpp.datasets import READERS
+
+        load = READERS.get(fmt) or (imagenet21k_folder if infer_format(eval_data) == "imagenet21k" else image_folder)
         spec.eval_source, eval_names = load(eval_data, classnames, cache_dir=index_cache)
         if eval_names != spec.classnames:
             raise UserError(f"--eval-data {eval_data} has different classes than --data {data}")
