@@ -359,7 +359,9 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     if not len(starts):
         raise UserError(f"file list {path} lists no images")
     sep = _last_before(np.flatnonzero(buf == ord("\t")), ends)
-    sep = np.where(sep >= starts, sep, _last_before(np.flatnonzero(buf == ord(" ")), ends))
+    no_tab = sep < starts
+    if no_tab.any():  # a space separates the lines without a tab
+        sep[no_tab] = _last_before(np.flatnonzero(buf == ord(" ")), ends[no_tab])
     _check(path, buf, starts, line_numbers, sep < starts, "no path and label separated by a tab")
     _check(path, buf, starts, line_numbers, buf[starts] == ord("/"), "absolute path (paths are relative to the root)")
     starts, path_ends = _strip(buf, blank, starts, sep)
@@ -368,12 +370,12 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     lengths = ends - label_starts
     _check(path, buf, starts, line_numbers, lengths > MAX_LABEL_BYTES, f"label longer than {MAX_LABEL_BYTES} bytes")
 
-    # Paths: every byte in [start, path end) of some line, in order: an int8 running sum marks them in one pass.
-    marks = np.zeros(len(buf) + 1, dtype=np.int8)
-    marks[starts] = 1  # path starts and ends are distinct positions, so plain assignment suffices
-    marks[path_ends] = -1
-    names = buf[np.cumsum(marks[:-1], dtype=np.int8).view(bool)]
-    del marks
+    # Paths: every byte in [start, path end) of some line, in order: a mask of alternating runs (gap, path, gap, ...).
+    runs = np.empty(2 * len(starts) + 1, dtype=np.int64)
+    runs[0:-1:2] = starts - np.concatenate([[0], path_ends[:-1]])
+    runs[1::2] = path_ends - starts
+    runs[-1] = len(buf) - path_ends[-1]
+    names = buf[np.repeat(np.arange(len(runs)) % 2 == 1, runs)]
     offsets = np.concatenate([[0], np.cumsum(path_ends - starts)]).astype(np.int64)
 
     # Labels: one column per label byte (at most MAX_LABEL_BYTES), zero past each label's end.
@@ -402,12 +404,15 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
 
 def _strip(buf: np.ndarray, blank: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fields [starts, ends) without leading and trailing blanks (spaces, tabs, '\\r'); a blank field becomes empty."""
-    starts, ends = starts.copy(), ends.copy()
+    copied = False
     while True:
-        lead = (starts < ends) & blank[buf[np.minimum(starts, len(buf) - 1)]]
-        trail = (starts < ends) & blank[buf[np.maximum(ends - 1, 0)]]
+        nonempty = starts < ends
+        lead = nonempty & blank[buf[np.minimum(starts, len(buf) - 1)]]
+        trail = nonempty & blank[buf[np.maximum(ends - 1, 0)]]
         if not (lead.any() or trail.any()):
             return starts, ends
+        if not copied:
+            starts, ends, copied = starts.copy(), ends.copy(), True
         trail &= ~(lead & (ends - starts == 1))  # a one-blank field: drop that blank once
         starts += lead
         ends -= trail
