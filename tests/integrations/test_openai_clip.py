@@ -162,7 +162,8 @@ def test_cocoop_per_image_ctx_batched(model):
     assert text.shape == (batch, len(NAMES), 32)
     rel_close(logits, ref_logits, "CoCoOp logits")
     params = [ctx, *meta_net.parameters()]
-    for name, g, r in zip(["ctx", "w1", "b1", "w2", "b2"], grads(logits, params), grads(ref_logits, params), strict=True):
+    got, expected = grads(logits, params), grads(ref_logits, params)
+    for name, g, r in zip(["ctx", "w1", "b1", "w2", "b2"], got, expected, strict=True):
         rel_close(g, r, f"CoCoOp grad {name}")
 
 
