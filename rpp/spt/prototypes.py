@@ -17,9 +17,12 @@ prototypes) from the stream, as the ``capacity`` smallest of i.i.d. uniform keys
 choice uses a generator seeded with ``seed`` and the layer index, so results are deterministic under a seed and a
 layer's prompts do not depend on which other layers are built.
 
-Where this differs from SPT's code: layer 0's tokens are block 0's input (patch embeddings plus positional embedding,
-after ``norm_pre``), which is where the prompts are inserted, rather than the bare patch embeddings; register tokens are
-dropped along with CLS.
+Layer 0's tokens (``layer0``): ``'block-input'`` (default) takes block 0's input (patch embeddings plus positional
+embedding, after ``norm_pre``), which is where the prompts are inserted; ``'patch-embed'`` takes the bare patch
+embeddings without the positional embedding, as SPT's code does (its ``RepCatcher`` hooks ``patch_embed``). Register
+tokens are dropped along with CLS. SPT's MoCo v3 script builds the prototypes from one random training image
+(``sample_size=1``); :func:`init_prompts` takes whatever images the loader yields (``rpp.spt --init-images 1`` gives a
+loader of one randomly drawn image).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["MODES", "PrototypeBuilder", "init_prompts", "kmeans", "pool_windows"]
+__all__ = ["LAYER0_SOURCES", "MODES", "PrototypeBuilder", "init_prompts", "kmeans", "pool_windows"]
 
 MODES = ("random", "mean", "max", "kmeans")
+LAYER0_SOURCES = ("block-input", "patch-embed")
 DEFAULT_CAPACITY = 16384
 
 
@@ -180,6 +184,7 @@ def init_prompts(
     *,
     capacity: int = DEFAULT_CAPACITY,
     kmeans_iters: int = 100,
+    layer0: str = "block-input",
 ) -> torch.Tensor:
     """Build SPT prototype prompts from one pass of the frozen backbone over ``loader`` (images or (images, labels)).
 
@@ -187,10 +192,14 @@ def init_prompts(
     captures its input tokens without the ``num_prefix_tokens`` CLS/register rows. With prompts already added
     (:func:`rpp_kernels.integrations.timm.add_prompts`), the result is written into ``model.prompt_tokens`` (deep: one
     set per block; shallow: block 0's tokens only, and the forward stops after block 0) and ``num_prompts`` defaults
-    to theirs. Without prompts it returns one set per block. Returns ``[L, P, dim]`` on the model's device.
+    to theirs. Without prompts it returns one set per block. ``layer0='patch-embed'`` takes layer 0's tokens from
+    ``model.patch_embed``'s output (no positional embedding, as SPT) instead of block 0's input. Batches with no
+    images are passed over. Returns ``[L, P, dim]`` on the model's device.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if layer0 not in LAYER0_SOURCES:
+        raise ValueError(f"layer0 must be one of {LAYER0_SOURCES}, got {layer0!r}")
     prompts = getattr(model, "prompt_tokens", None)
     if prompts is not None:
         if num_prompts is not None and num_prompts != prompts.shape[1]:
@@ -214,7 +223,15 @@ def init_prompts(
 
         return hook
 
-    handles = [model.blocks[i].register_forward_pre_hook(capture(i)) for i in layers]
+    def capture_patch_embed(_module, _args, output):
+        builders[0].add(output.reshape(output.shape[0], -1, output.shape[-1]))  # NHWC output formats too
+        if layers[-1] == 0:
+            raise _StopCapture
+
+    from_blocks = [i for i in layers if i > 0 or layer0 == "block-input"]
+    handles = [model.blocks[i].register_forward_pre_hook(capture(i)) for i in from_blocks]
+    if layer0 == "patch-embed":
+        handles.append(model.patch_embed.register_forward_hook(capture_patch_embed))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -224,6 +241,8 @@ def init_prompts(
             images = _images(batch)
             if max_images is not None:
                 images = images[: max_images - seen]
+            if images.shape[0] == 0:
+                continue
             with contextlib.suppress(_StopCapture):
                 type(model).forward_features(model, images.to(device))  # the class method: no prompts
             seen += images.shape[0]

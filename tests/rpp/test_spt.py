@@ -13,7 +13,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from rpp.spt import PrototypeBuilder, init_prompts, kmeans, pool_windows
-from rpp.spt.train import CHECKPOINT_FILE, METRICS_FILE, main
+from rpp.spt.train import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, main
 from rpp_kernels.integrations.timm import add_prompts
 
 
@@ -216,21 +216,31 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     assert main(["--epochs", "3", "--init", "mean", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "per-class accuracy" in text and "red horizontal stripes" in text and str(out) in text
-    losses = [row["train_loss"] for row in read_metrics(out)]
+    rows = read_metrics(out)
+    losses = [row["train_loss"] for row in rows]
     assert len(losses) == 3 and losses[2] < 0.7 * losses[0], losses
-    ckpt = torch.load(out / CHECKPOINT_FILE, weights_only=False)
+    ckpt = torch.load(out / CHECKPOINT_FILE, weights_only=True)
     assert ckpt["prompt_tokens"].shape == (4, 8, 64) and ckpt["head"]["weight"].shape == (6, 64)
-    assert set(ckpt) >= {"classes", "prompt_mode", "args", "step"}
-    assert not list(out.glob("*.tmp"))
+    assert set(ckpt) >= {"classes", "prompt_mode", "args", "step", "epoch", "eval_acc"}
+    # Best and last epoch, both on the test split, in the log and in result.json.
+    result = json.loads((out / RESULT_FILE).read_text())
+    best = max(rows, key=lambda r: r["eval_acc"])
+    assert result["best"] == {"epoch": best["epoch"], "acc": best["eval_acc"]}
+    assert result["last"] == {"epoch": 3, "acc": rows[-1]["eval_acc"]}
+    assert result["eval_split"] == "test" and result["finished"]
+    assert f"test top-1: best {100 * best['eval_acc']:.2f}% (epoch {best['epoch']})" in text
+    assert torch.load(out / BEST_FILE, weights_only=True)["epoch"] == best["epoch"]
+    assert not list(out.glob(".*.tmp"))
 
 
-def test_cli_keeps_an_existing_checkpoint_and_stops_on_a_non_finite_loss(tmp_path, capsys):
+def test_cli_refuses_a_used_output_and_stops_on_a_non_finite_loss(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--epochs", "1", "--max-steps", "1", "--init", "vpt", "--output", str(out)]) == 0
+    assert main(["--epochs", "1", "--max-steps", "2", "--init", "vpt", "--output", str(out)]) == 0
     saved = (out / CHECKPOINT_FILE).read_bytes()
     capsys.readouterr()
     assert main(["--epochs", "1", "--max-steps", "1", "--init", "vpt", "--output", str(out)]) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--resume" in err, err
     assert main(["--output", str(out / CHECKPOINT_FILE)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert (out / CHECKPOINT_FILE).read_bytes() == saved
@@ -238,7 +248,7 @@ def test_cli_keeps_an_existing_checkpoint_and_stops_on_a_non_finite_loss(tmp_pat
     assert main(["--epochs", "2", "--lr", "1e30", "--init", "vpt", "--output", str(nan)]) == 3
     assert "rpp.spt: error: loss is nan" in capsys.readouterr().err
     if (nan / CHECKPOINT_FILE).exists():
-        ckpt = torch.load(nan / CHECKPOINT_FILE, weights_only=False)
+        ckpt = torch.load(nan / CHECKPOINT_FILE, weights_only=True)
         assert ckpt["prompt_tokens"].isfinite().all() and ckpt["head"]["weight"].isfinite().all()
 
 
@@ -248,8 +258,8 @@ def test_cli_demo_shallow_kmeans_ema_max_steps(tmp_path, capsys):
     assert main(argv) == 0
     assert "(EMA weights)" in capsys.readouterr().out
     rows = read_metrics(out)
-    assert len(rows) == 1 and rows[0]["step"] == 3
-    assert torch.load(out / CHECKPOINT_FILE, weights_only=False)["prompt_tokens"].shape == (1, 8, 64)
+    assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["partial"]
+    assert torch.load(out / CHECKPOINT_FILE, weights_only=True)["prompt_tokens"].shape == (1, 8, 64)
 
 
 def _write_images(folder, n, colour):
@@ -272,22 +282,24 @@ def test_cli_filelist_and_imagefolder_with_local_weights(tmp_path, mae_checkpoin
     vtab = tmp_path / "vtab"
     for c, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
         _write_images(vtab / "images" / str(c), 3, colour)
-    lines = [f"images/{c}/{i}.png {c}" for c in range(2) for i in range(3)]
+    lines = [f"{c}/{i}.png {c}" for c in range(2) for i in range(3)]
     (vtab / "train800val200.txt").write_text("\n".join(lines) + "\n")
     (vtab / "test.txt").write_text("\n".join(lines[::2]) + "\n")
     common = ["--model", "test_vit", "--weights", str(mae_checkpoint), "--num-prompts", "4", "--batch-size", "4"]
-    common += ["--num-workers", "0"]
+    common += ["--num-workers", "0", "--epochs", "2"]
     assert main([*common, "--data", str(vtab), "--max-steps", "2", "--output", str(tmp_path / "o1")]) == 0
     text = capsys.readouterr().out
-    assert "test_vit (mae)" in text and "head pooling 'avg'" in text and "per-class accuracy" in text
+    assert "test_vit (mae weights), vtab preprocessing" in text and "per-class accuracy" in text
+    assert "head: mean of prompts + patches, then the pretrained norm" in text
 
     folder = tmp_path / "fgvc"
-    for split in ("train", "val"):
+    for split in ("train", "test"):
         _write_images(folder / split / "cardinal", 2, (200, 30, 30))
         _write_images(folder / split / "jay", 2, (30, 30, 200))
     args = [*common, "--data", str(folder), "--init", "random", "--max-steps", "1", "--output", str(tmp_path / "o2")]
     assert main(args) == 0
-    assert "cardinal" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "cardinal" in text and "fgvc preprocessing" in text
 
 
 @pytest.mark.parametrize(
@@ -295,21 +307,32 @@ def test_cli_filelist_and_imagefolder_with_local_weights(tmp_path, mae_checkpoin
     [
         (["--data", "{tmp}", "--weights", "{tmp}/missing.pth"], "--weights: file not found"),
         (["--data", "{tmp}/nowhere", "--weights", "{ckpt}"], "--data: directory not found"),
+        (["--data", "", "--weights", "{ckpt}"], "--data: directory not found"),
         (["--data", "{tmp}"], "--weights is required"),
         (["--model", "vit_base_patch16_224"], "--data is required"),
         (["--data", "{tmp}", "--weights", "{ckpt}", "--model", "no_such_vit"], "unknown timm model"),
-        (["--data", "{tmp}", "--weights", "{ckpt}", "--model", "test_vit"], "expected {tmp}/train/<class>"),
+        (["--data", "{tmp}", "--weights", "{ckpt}", "--model", "test_vit"], "--data {tmp}: expected train800val200"),
         (
             ["--data", "{tmp}", "--weights", "{ckpt}", "--model", "resnet18"],
             "--model resnet18: SPT needs a timm VisionTransformer",
         ),
-        (["--lr", "-1"], "--lr: invalid value -1.0"),
-        (["--num-prompts", "0"], "--num-prompts: invalid value 0"),
-        (["--ema", "1.5"], "--ema: invalid value 1.5"),
-        (["--init-capacity", "5"], "--init-capacity: invalid value 5"),
-        (["--init", "median"], "argument --init: invalid choice"),
-        (["--epochs", "two"], "argument --epochs: invalid int value"),
+        (["--lr", "-1"], "invalid value -1.0 for --lr: must be > 0"),
+        (["--lr", "nan"], "for --lr: must be a finite number"),
+        (["--weight-decay", "inf"], "for --weight-decay: must be a finite number"),
+        (["--wd-head=-inf"], "for --wd-head: must be a finite number"),
+        (["--warmup-epochs", "inf"], "for --warmup-epochs: must be a finite number"),
+        (["--warmup-epochs", "20", "--epochs", "5"], "invalid value 20.0 for --warmup-epochs: must be at most"),
+        (["--head-init-std", "0"], "invalid value 0.0 for --head-init-std"),
+        (["--device", "tpu"], "invalid value 'tpu' for --device: expected cpu, cuda or cuda:N"),
+        (["--device", "cuda:zero"], "invalid value 'cuda:zero' for --device"),
+        (["--num-prompts", "0"], "invalid value 0 for --num-prompts: must be positive"),
+        (["--ema", "1.5"], "invalid value 1.5 for --ema"),
+        (["--init-capacity", "5"], "invalid value 5 for --init-capacity: must be at least --num-prompts (8)"),
+        (["--init", "median"], "invalid value 'median' for --init"),
+        (["--epochs", "two"], "invalid value 'two' for --epochs"),
         (["--num-prompts", "17", "--init", "max"], "max pooling needs at most 16"),
+        (["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+        (["--recipe", "pomp-in21k"], "configures python -m rpp.train, not rpp.spt"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, mae_checkpoint, capsys, argv, message):
