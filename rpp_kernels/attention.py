@@ -89,7 +89,9 @@ class PromptAttention(nn.Module):
     """Drop-in ``nn.MultiheadAttention`` (self-attention) with batch-shared prompt rows and fused kernels.
 
     Constructor, parameter names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), ``batch_first`` and the tuple
-    return match ``nn.MultiheadAttention``, so state dicts load both ways; ``PromptAttention.from_mha(mha)`` copies one.
+    return match ``nn.MultiheadAttention``, so state dicts load both ways; ``PromptAttention.from_mha(mha)`` wraps
+    one, sharing its parameters (``copy=True`` copies them). ``[N, B, E]`` inputs (``batch_first=False``, OpenAI
+    CLIP's layout) are read in place on the fast path, without a transposed copy.
     Unsupported options raise ``ValueError``: ``add_bias_kv``, ``add_zero_attn``, ``kdim``/``vdim`` other than
     ``embed_dim``, and cross-attention (``key``/``value`` must be ``query``).
 
@@ -165,12 +167,22 @@ class PromptAttention(nn.Module):
             nn.init.constant_(self.out_proj.bias, 0.0)
 
     @classmethod
-    def from_mha(cls, mha: nn.MultiheadAttention) -> PromptAttention:
-        """A ``PromptAttention`` with ``mha``'s configuration, weights, device, dtype and train/eval mode."""
+    def from_mha(
+        cls, mha: nn.MultiheadAttention, share_parameters: bool = True, *, copy: bool = False
+    ) -> PromptAttention:
+        """A ``PromptAttention`` with ``mha``'s configuration, parameters and train/eval mode.
+
+        By default (``share_parameters=True``) it reuses ``mha``'s parameter objects (``in_proj_weight``,
+        ``in_proj_bias`` and the ``out_proj`` module itself): nothing is copied, and ``requires_grad``, device, dtype,
+        later ``.to()`` moves of either module and optimiser state all follow the original. ``copy=True`` (or
+        ``share_parameters=False``) makes independent copies instead, each keeping its source's ``requires_grad``
+        (a frozen ``mha`` gives frozen copies).
+        """
         if not mha._qkv_same_embed_dim:
             raise ValueError("PromptAttention.from_mha: kdim/vdim != embed_dim is not supported")
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("PromptAttention.from_mha: add_bias_kv / add_zero_attn are not supported")
+        share = share_parameters and not copy
         weight = mha.in_proj_weight
         module = cls(
             mha.embed_dim,
@@ -178,10 +190,18 @@ class PromptAttention(nn.Module):
             dropout=mha.dropout,
             bias=mha.in_proj_bias is not None,
             batch_first=mha.batch_first,
-            device=weight.device,
+            device="meta" if share else weight.device,  # shared: no storage allocated for parameters replaced below
             dtype=weight.dtype,
         )
-        module.load_state_dict(mha.state_dict())
+        if share:
+            module.in_proj_weight = mha.in_proj_weight
+            module.in_proj_bias = mha.in_proj_bias
+            module.out_proj = mha.out_proj
+        else:
+            module.load_state_dict(mha.state_dict())
+            own, source = dict(module.named_parameters()), dict(mha.named_parameters())
+            for name, p in own.items():
+                p.requires_grad_(source[name].requires_grad)
         return module.train(mha.training)
 
     def _mask_is_causal(self, attn_mask: torch.Tensor) -> bool:
@@ -239,7 +259,8 @@ class PromptAttention(nn.Module):
                 f"got {list(query.shape)}"
             )
         unbatched = query.dim() == 2
-        x = query.unsqueeze(0) if unbatched else (query if self.batch_first else query.transpose(0, 1))  # [B, N, E]
+        seq_first = not unbatched and not self.batch_first
+        x = query.unsqueeze(0) if unbatched else (query.transpose(0, 1) if seq_first else query)  # [B, N, E] view
         if unbatched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
         if prompt_q is None and (prompt_k is not None or prompt_v is not None):
@@ -256,7 +277,8 @@ class PromptAttention(nn.Module):
             causal, attn_mask = True, None
         dropout_active = self.training and self.dropout > 0
         if key_padding_mask is None and attn_mask is None and not need_weights and not dropout_active:
-            out, weights = self._fast_forward(x, prompts, causal, return_prompt_outputs), None
+            out = self._fast_forward(query if seq_first else x, prompts, causal, return_prompt_outputs, seq_first)
+            return (out.squeeze(0) if unbatched else out), None
         else:
             out, weights = self._torch_forward(
                 x, prompts, key_padding_mask, need_weights, attn_mask, average_attn_weights, causal,
@@ -266,23 +288,37 @@ class PromptAttention(nn.Module):
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _fast_forward(self, x, prompts, causal, return_prompt_outputs):
-        batch, n_tokens, embed = x.shape
+    def _fast_forward(self, x, prompts, causal, return_prompt_outputs, seq_first=False):
+        """x: ``[B, N, E]``, or ``[N, B, E]`` with ``seq_first`` (read in place: no transposed copy of the input)."""
         heads = self.num_heads
         prompt_args = () if prompts is None else prompts
+        # The projection is row-wise, so an [N, B, E] input is projected as a "batch" of N rows of B tokens; the
+        # head-split results are then permuted (views) to [B, H, N, D].
         (q, k, v), prefix = prompt_qkv(x, self.in_proj_weight, self.in_proj_bias, heads, *prompt_args)
+        if seq_first:
+            q, k, v = (t.permute(2, 1, 0, 3) for t in (q, k, v))
+        batch, _, n_tokens, _ = q.shape
+        embed = self.embed_dim
+
+        def merge(o: torch.Tensor) -> torch.Tensor:  # [B, H, n, D] -> the input layout, heads merged
+            n = o.shape[2]
+            return (
+                o.permute(2, 0, 1, 3).reshape(n, batch, embed)
+                if seq_first
+                else o.transpose(1, 2).reshape(batch, n, embed)
+            )
+
         pk, pv = (None, None) if prefix is None else prefix[1:]
-        out = prompt_attention(q, k, v, pk, pv, causal=causal).transpose(1, 2).reshape(batch, n_tokens, embed)
+        out = merge(prompt_attention(q, k, v, pk, pv, causal=causal))
         if return_prompt_outputs and prefix is not None:
             pq = prefix[0]
-            n_prompt = pq.shape[1]
             if causal:
                 # Prompt row i sees prompt rows <= i and no token (they come after it): batch-invariant, done once.
                 prompt_out = prompt_attention(pq[None], pk[None], pv[None], causal=True).expand(batch, -1, -1, -1)
             else:
                 # Prompt rows attend over prompt rows + this sample's tokens; the [H, P, D] query is read at stride 0.
                 prompt_out = prompt_attention(pq.expand(batch, -1, -1, -1), k, v, pk, pv)
-            out = torch.cat([prompt_out.transpose(1, 2).reshape(batch, n_prompt, embed), out], 1)
+            out = torch.cat([merge(prompt_out), out], 0 if seq_first else 1)
         return self.out_proj(out)
 
     def _torch_forward(

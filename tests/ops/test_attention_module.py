@@ -254,3 +254,59 @@ def test_gpu_bf16_module_parity():
     ref = mha.float()(cat.float(), cat.float(), cat.float(), need_weights=False)[0][:, 20:]
     out = module(x, x, x, prompt_q=prompt)[0]
     assert (out.float() - ref).abs().max().item() < 3e-2
+
+
+def test_from_mha_shares_parameters_by_default():
+    mha = make_mha(batch_first=False).requires_grad_(False)
+    module = PromptAttention.from_mha(mha)
+    assert module.in_proj_weight is mha.in_proj_weight and module.in_proj_bias is mha.in_proj_bias
+    assert module.out_proj is mha.out_proj
+    assert not any(p.requires_grad for p in module.parameters())  # a frozen backbone stays frozen
+    x = torch.randn(7, 2, EMBED, requires_grad=True)
+    module(x, x, x)[0].sum().backward()
+    assert mha.in_proj_weight.grad is None  # no weight gradient computed or stored
+    with torch.no_grad():
+        mha.in_proj_weight.mul_(2)  # the optimiser updates the original: the wrapper sees it
+    torch.testing.assert_close(module(x, x, x)[0], mha(x, x, x, need_weights=False)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_from_mha_copy_keeps_requires_grad():
+    mha = make_mha()
+    mha.in_proj_weight.requires_grad_(False)
+    for module in (PromptAttention.from_mha(mha, copy=True), PromptAttention.from_mha(mha, share_parameters=False)):
+        assert module.in_proj_weight is not mha.in_proj_weight and module.out_proj is not mha.out_proj
+        assert torch.equal(module.in_proj_weight, mha.in_proj_weight)
+        assert not module.in_proj_weight.requires_grad and module.in_proj_bias.requires_grad
+
+
+def _copies(fn) -> int:
+    """Number of aten copy/clone/contiguous kernels run by fn (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("copy_", "clone", "_to_copy", "contiguous"):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_sequence_first_input_is_read_in_place(monkeypatch):
+    """[N, B, E] (OpenAI CLIP's layout) costs no more copies than [B, N, E], and gives the same result."""
+    monkeypatch.setenv("RPP_KERNELS_BACKEND", "torch")
+    seq_first, batch_first = make_mha(batch_first=False), make_mha(batch_first=True)
+    prompts = torch.randn(3, EMBED)
+    x = torch.randn(2, 9, EMBED)
+    mods = PromptAttention.from_mha(seq_first), PromptAttention.from_mha(batch_first)
+    xs = x.transpose(0, 1).contiguous().requires_grad_(), x.clone().requires_grad_()
+    runs = [lambda m=m, t=t: m(t, t, t, prompt_q=prompts)[0].sum().backward() for m, t in zip(mods, xs, strict=True)]
+    counts = [_copies(run) for run in runs]
+    assert counts[0] <= counts[1], f"[N, B, E] input: {counts[0]} copies, [B, N, E]: {counts[1]}"
+    out_s, out_b = (m(t, t, t, prompt_q=prompts, return_prompt_outputs=True)[0] for m, t in zip(mods, xs, strict=True))
+    torch.testing.assert_close(out_s.transpose(0, 1), out_b, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(xs[0].grad.transpose(0, 1), xs[1].grad, atol=2e-5, rtol=1e-4)
