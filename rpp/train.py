@@ -272,8 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     return distributed.cli_main("rpp.train", train, argv)
 
 
+@contextmanager
+def startup_phase(name: str, log, timings: dict[str, float]):
+    """Time one startup phase and log it (phases that can take long show their own progress bars on rank 0)."""
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
+    log(f"rpp.train: startup: {name} took {timings[name]:.1f} s")
+
+
+_STARTED: dict[str, float] = {}
+
+
 def train(argv: list[str] | None = None) -> int:
     from rpp.method import MethodConfig, RPPMethod, register_tiny_models
+
+    _STARTED["t"] = time.perf_counter()
 
     tcfg, mcfg = parse(
         [TrainConfig, MethodConfig], argv, prog="python -m rpp.train", description=DESCRIPTION, tool="rpp.train"
@@ -298,15 +312,24 @@ def train(argv: list[str] | None = None) -> int:
         if state is not None and state_path.parent.resolve() == out.resolve() and checkpoint.repair_prompts(out, state):
             log(f"rpp.train: rewrote {checkpoint.PROMPTS_FILE} from {checkpoint.STATE_FILE} (step {state['step']})")
 
-    spec = data.resolve(tcfg.data, tcfg.data_format, tcfg.classnames, tcfg.seed, tcfg.eval_data)
+    # Image indices and teacher class embeddings are cached here (random teachers under a digest of their weights).
+    cache_dir = tcfg.cache_dir or str(out / "cache")
+    timings: dict[str, float] = {}
+    with startup_phase("data index and class names", log, timings):
+        spec = data.resolve(tcfg.data, tcfg.data_format, tcfg.classnames, tcfg.seed, tcfg.eval_data,
+                            index_cache=cache_dir)  # fmt: skip
     cache = None
     if tcfg.teacher_cache is not None:
-        cache = TeacherCache.open(tcfg.teacher_cache, spec, temperature=mcfg.temperature)
+        with startup_phase("teacher cache check", log, timings):
+            cache = TeacherCache.open(tcfg.teacher_cache, spec, temperature=mcfg.temperature)
 
     seed_everything(tcfg.seed)  # identical prompt initialisation on every rank
-    # Teacher class embeddings are cached on disk only for real weights (random test weights depend on the seed).
-    cache_dir = tcfg.cache_dir or (str(out / "cache") if mcfg.teacher_pretrained else None)
-    method = RPPMethod(mcfg, spec.classnames, info.device, cache_dir=cache_dir)
+    with startup_phase("models and teacher class embeddings", log, timings):
+        method = RPPMethod(mcfg, spec.classnames, info.device, cache_dir=cache_dir)
+    if method.teacher is not None:
+        ce = method.teacher.class_embeds_info
+        log(f"rpp.train: startup: teacher class embeddings ({ce['classes']} classes x {ce['templates']} templates) "
+            f"{ce['source']} in {ce['seconds']:.1f} s")  # fmt: skip
     params = method.learnable_parameters()
     if tcfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
@@ -319,11 +342,12 @@ def train(argv: list[str] | None = None) -> int:
     if state is not None:
         log(f"rpp.train: resuming from {state_path} at step {step}")
 
-    loader, batches_per_epoch = data.train_loader(
-        spec, method.preprocess_train, batch_size=tcfg.batch_size, views=tcfg.views, seed=tcfg.seed,
-        shots=tcfg.shots, shots_seed=tcfg.shots_seed, rank=info.rank, world=info.world,
-        num_workers=tcfg.num_workers, start=step, pin_memory=info.device.type == "cuda",
-    )  # fmt: skip
+    with startup_phase("data loader", log, timings):
+        loader, batches_per_epoch = data.train_loader(
+            spec, method.preprocess_train, batch_size=tcfg.batch_size, views=tcfg.views, seed=tcfg.seed,
+            shots=tcfg.shots, shots_seed=tcfg.shots_seed, rank=info.rank, world=info.world,
+            num_workers=tcfg.num_workers, start=step, pin_memory=info.device.type == "cuda",
+        )  # fmt: skip
     if batches_per_epoch is None and tcfg.max_steps is None:
         n = int(cache.counts.sum()) if cache is not None else sum(data.shard_sample_counts(spec.shards))
         batches_per_epoch = n // (tcfg.batch_size * info.world)
@@ -446,6 +470,10 @@ def _loop(tcfg, method, model, loader, cache, optimizer, scheduler, scaler, gene
                 scheduler.step()
                 step += 1
                 t2 = time.perf_counter()
+                started = _STARTED.pop("t", None)
+                if started is not None and info.is_main:
+                    bar.write(f"rpp.train: startup: first batch loaded in {t1 - t0:.1f} s; first step done "
+                              f"{t2 - started:.1f} s after launch")  # fmt: skip
 
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())

@@ -156,8 +156,16 @@ def test_teacher_class_embeddings_cached_on_disk(tmp_path):
     assert len(list(cache.glob("teacher-class-embeds-*.pt"))) == 2
     assert first.teacher.class_embeds.shape == (len(CLASSNAMES), 96)
     torch.testing.assert_close(first.teacher.class_embeds.norm(dim=-1), torch.ones(len(CLASSNAMES)))
-    RPPMethod(MethodConfig(), CLASSNAMES, "cpu", cache_dir=cache)  # random teacher weights: never cached
-    assert len(list(cache.glob("teacher-class-embeds-*.pt"))) == 2
+    assert [m.teacher.class_embeds_info["source"] for m in (first, second)] == ["computed", "cache"]
+    # Random teacher weights are cached under a digest of the weights: the same seed hits, another seed does not.
+    torch.manual_seed(0)
+    RPPMethod(MethodConfig(), CLASSNAMES, "cpu", cache_dir=cache)
+    assert len(list(cache.glob("teacher-class-embeds-*.pt"))) == 3
+    torch.manual_seed(0)
+    assert RPPMethod(MethodConfig(), CLASSNAMES, "cpu", cache_dir=cache).teacher.class_embeds_info["source"] == "cache"
+    torch.manual_seed(1)
+    RPPMethod(MethodConfig(), CLASSNAMES, "cpu", cache_dir=cache)
+    assert len(list(cache.glob("teacher-class-embeds-*.pt"))) == 4
 
 
 def test_full_teacher_distribution_uses_the_teachers_own_logit_scale():
