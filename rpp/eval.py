@@ -89,6 +89,17 @@ class EvalConfig:
     batch_size: int = field(default=64, metadata={"help": "images per process per step"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per rank"})
     output: str | None = field(default=None, metadata={"help": "also write the results as JSON to this file"})
+    suite: str | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate a protocol instead of --data: pomp = POMP's/CoOp's (ImageNet-21K-P val, ImageNet, 10 "
+            "cross-dataset sets, ImageNet-V2/Sketch/A/R) from --data-root; see rpp/eval_suite.py",
+            "choices": ("pomp",),
+        },
+    )
+    data_root: str | None = field(
+        default=None, metadata={"help": "--suite: folder holding the datasets in CoOp's layout (missing ones skipped)"}
+    )
     trust_torchscript: str | None = field(
         default=None,
         metadata={
@@ -128,6 +139,10 @@ def run(argv: list[str] | None = None) -> int:
     checkpoint.trust_torchscript(cfg.trust_torchscript)
     register_tiny_models()
     info = distributed.init()
+    if cfg.suite is not None:
+        from rpp.eval_suite import run_suite
+
+        return run_suite(cfg, mcfg, ckpt, path, info)
 
     fmt = cfg.data_format or data.infer_format(cfg.data)
     if fmt == "webdataset":
