@@ -24,13 +24,20 @@ def tiny_visual(ls_init_value=None, layers=3, seed=0):
     return visual.eval()
 
 
-@pytest.mark.parametrize("unshared_qkv", [True, False])
-@pytest.mark.parametrize("depth", [1, 3])
+SEMANTICS = {
+    "rpp-unshared": dict(unshared_qkv=True),
+    "carry-ln_pre": dict(),  # the default for shared tokens: MaPLe / IVLP / VPT-deep
+    "drop": dict(carry=False, ln_pre=False),
+}
+
+
+@pytest.mark.parametrize("semantics", list(SEMANTICS))
+@pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("num_prompts", [1, 5])
 @pytest.mark.parametrize("ls_init_value", [None, 0.5])
-def test_prompted_forward_and_grads_match_explicit(unshared_qkv, depth, num_prompts, ls_init_value):
+def test_prompted_forward_and_grads_match_explicit(semantics, depth, num_prompts, ls_init_value):
     visual = tiny_visual(ls_init_value)
-    prompts = apply_vision_prompts(visual, num_prompts, depth, unshared_qkv=unshared_qkv, init_std=0.5)
+    prompts = apply_vision_prompts(visual, num_prompts, depth, init_std=0.5, **SEMANTICS[semantics])
     images = torch.randn(3, 3, 32, 32)
 
     out = visual(images)
@@ -81,3 +88,46 @@ def test_rejects_bad_arguments():
         apply_vision_prompts(visual, 0, 1)
     with pytest.raises(TypeError, match="VisionTransformer"):
         apply_vision_prompts(torch.nn.Linear(2, 2), 1, 1)
+
+
+def test_defaults_follow_the_prompt_kind():
+    shared = apply_vision_prompts(tiny_visual(), 2, 2)
+    assert (shared.unshared_qkv, shared.carry, shared.ln_pre) == (False, True, True)
+    rpp = apply_vision_prompts(tiny_visual(), 2, 2, unshared_qkv=True)
+    assert (rpp.carry, rpp.ln_pre) == (False, False)
+    with pytest.raises(ValueError, match="carry=True needs shared prompt tokens"):
+        apply_vision_prompts(tiny_visual(), 2, 2, unshared_qkv=True, carry=True)
+
+
+def test_carry_differs_from_drop_before_the_last_block():
+    """The carried rows change the result when depth < layers (the 7% MaPLe difference of issue 12)."""
+    images = torch.randn(2, 3, 32, 32)
+    outs = []
+    for carry in (True, False):
+        visual = tiny_visual()
+        prompts = apply_vision_prompts(visual, 2, 2, carry=carry, init_std=0.5)
+        with torch.no_grad():
+            for p in prompts.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            outs.append(visual(images))
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_prompts_per_call():
+    visual = tiny_visual()
+    prompts = apply_vision_prompts(visual, 3, 2, init_std=0.5)
+    images = torch.randn(2, 3, 32, 32)
+    rows = torch.randn(2, 3, 64, requires_grad=True)
+    out = visual(images, prompts=rows)
+    ref = encode_image_explicit(visual, images, prompts, rows)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g, r = (torch.autograd.grad(t.square().sum(), rows)[0] for t in (out, ref))
+    torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+    with torch.no_grad():  # the module's own prompts again after the call, and as a list
+        torch.testing.assert_close(visual(images), encode_image_explicit(visual, images, prompts))
+        torch.testing.assert_close(visual(images, prompts=list(rows)), out)
+    with pytest.raises(ValueError, match="prompts must be"):
+        visual(images, prompts=torch.randn(3, 3, 64))
+    visual.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        visual(images, prompts=rows)
