@@ -21,6 +21,7 @@ killed run restarts at the first unit it had not recorded. Under torchrun the un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,18 +38,111 @@ from rpp import checkpoint, data, distributed
 from rpp.config import DATA_FORMATS, parse
 from rpp.errors import UserError
 
+META_KEYS = {"n": int, "k": int, "classes": int, "fingerprint": str, "temperature": (int, float)}
+
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _done_units(folder: Path) -> set[int]:
+def _read_json(path: Path, what: str) -> object:
+    """json.loads of a cache file; a missing, torn or non-JSON file is a one-line UserError."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"teacher cache {path.parent}: {path.name} ({what}) is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"teacher cache {path.parent}: {path.name} ({what}) is unreadable or torn: {e}") from None
+
+
+def read_meta(folder: Path) -> dict:
+    """The validated meta.json of a cache folder."""
+    meta = _read_json(folder / "meta.json", "the cache description")
+    if not isinstance(meta, dict):
+        raise UserError(f"teacher cache {folder}: meta.json is not a JSON object")
+    for key, types in META_KEYS.items():
+        if not isinstance(meta.get(key), types) or isinstance(meta.get(key), bool):
+            raise UserError(f"teacher cache {folder}: meta.json has no valid {key!r} (rebuild the cache)")
+    if "shards" in meta:
+        shards, counts = meta["shards"], meta.get("counts")
+        if not (isinstance(shards, list) and isinstance(counts, list) and len(shards) == len(counts)):
+            raise UserError(f"teacher cache {folder}: meta.json's shards and counts do not match (rebuild the cache)")
+        if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != meta["n"]:
+            raise UserError(f"teacher cache {folder}: meta.json's counts do not add up to n (rebuild the cache)")
+    elif not isinstance(meta.get("chunk"), int) or meta["chunk"] <= 0:
+        raise UserError(f"teacher cache {folder}: meta.json has no valid 'chunk' (rebuild the cache)")
+    return meta
+
+
+def _done_units(folder: Path, units: int | None = None) -> set[int]:
     done: set[int] = set()
-    for marker in folder.glob("progress-*.json"):
-        done.update(json.loads(marker.read_text())["done"])
+    for marker in sorted(folder.glob("progress-*.json")):
+        record = _read_json(marker, "a progress marker")
+        ids = record.get("done") if isinstance(record, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in ids):
+            raise UserError(f"teacher cache {folder}: {marker.name} is not a progress marker (delete it to redo its "
+                            "units)")  # fmt: skip
+        if units is not None and any(not 0 <= u < units for u in ids):
+            raise UserError(f"teacher cache {folder}: {marker.name} names units beyond the cache's {units}")
+        done.update(ids)
     return done
+
+
+def load_arrays(folder: Path, meta: dict, mode: str = "r") -> tuple[np.ndarray, np.ndarray]:
+    """(indices int32 [n, k], probs float16 [n, k]) memory-mapped; never unpickled (object arrays are refused).
+    A missing, torn or mis-shaped array is a one-line UserError."""
+    out = []
+    for name, dtype in (("indices.npy", np.int32), ("probs.npy", np.float16)):
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"teacher cache {folder}: {name} is missing (rebuild the cache)")
+        try:
+            array = np.load(path, mmap_mode=mode, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # object arrays, torn headers, truncated data
+            raise UserError(f"teacher cache {folder}: {name} is unreadable or torn: {e}") from None
+        if array.dtype != dtype or array.shape != (meta["n"], meta["k"]):
+            raise UserError(f"teacher cache {folder}: {name} holds {array.dtype} {list(array.shape)}, expected "
+                            f"{np.dtype(dtype)} {[meta['n'], meta['k']]} (rebuild the cache)")  # fmt: skip
+        out.append(array)
+    return out[0], out[1]
+
+
+def fingerprint(spec: data.DataSpec) -> str:
+    """The dataset identity a cache is checked against: the data's own fingerprint (relative paths, labels, sizes and
+    modification times of the images, or shard names, sizes and mtimes; the class names), plus the seed of the
+    built-in dataset, whose images it generates."""
+    fp = spec.fingerprint()
+    if spec.format == "builtin":
+        fp = hashlib.sha256(f"{fp}:builtin-seed:{spec.source.seed}".encode()).hexdigest()[:16]
+    return fp
+
+
+def content_hash(spec: data.DataSpec) -> str:
+    """sha256 over the bytes of every image file (map-style, in dataset order, with labels) or shard (in the order
+    given): what `--verify` compares, catching a file replaced with the same size and modification time."""
+    h = hashlib.sha256(fingerprint(spec).encode())
+    if spec.shards is not None:
+        files = list(spec.shards)
+    elif spec.format == "builtin":
+        return h.hexdigest()[:32]  # generated from the seed, which the fingerprint holds
+    else:
+        files = [spec.source.describe(i) for i in range(len(spec.source))]
+    for path in tqdm(files, desc="teacher cache --verify: hashing", unit="file", delay=2):
+        try:
+            file_hash = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    file_hash.update(block)
+            h.update(file_hash.digest())
+        except OSError as e:
+            h.update(f"unreadable:{e.errno}".encode())
+    return h.hexdigest()[:32]
 
 
 def _units(meta: dict) -> tuple[int, str]:
@@ -64,8 +158,7 @@ class TeacherCache:
 
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = folder, meta
-        self.indices = np.load(folder / "indices.npy", mmap_mode="r")
-        self.probs = np.load(folder / "probs.npy", mmap_mode="r")
+        self.indices, self.probs = load_arrays(folder, meta)
         self.counts = np.asarray(meta.get("counts", []), dtype=np.int64)
         self.offsets = np.cumsum(self.counts) - self.counts
 
@@ -75,14 +168,15 @@ class TeacherCache:
         path = Path(folder)
         if not (path / "meta.json").is_file():
             raise UserError(f"--teacher-cache: no meta.json in {folder} (build it with python -m rpp.teacher_cache)")
-        meta = json.loads((path / "meta.json").read_text())
-        if meta["fingerprint"] != spec.fingerprint():
-            raise UserError(f"--teacher-cache {folder} was built for different images or classes than --data")
+        meta = read_meta(path)
+        if meta["fingerprint"] != fingerprint(spec):
+            raise UserError(f"--teacher-cache {folder} was built for different images or classes than --data "
+                            "(or images changed since: sizes and modification times are compared)")  # fmt: skip
         if meta["temperature"] != temperature:
             raise UserError(f"--teacher-cache {folder} holds probabilities at temperature {meta['temperature']}, "
                             f"this run uses --temperature {temperature}")  # fmt: skip
         units, name = _units(meta)
-        missing = units - len(_done_units(path))
+        missing = units - len(_done_units(path, units))
         if missing:
             raise UserError(f"--teacher-cache {folder} is incomplete ({missing} {name} left): rerun rpp.teacher_cache")
         return cls(path, meta)
@@ -183,6 +277,20 @@ class CacheConfig:
     batch_size: int = field(default=128, metadata={"help": "images per forward pass"})
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per rank"})
     seed: int = field(default=0, metadata={"help": "seed for random teacher weights (tiny test models only)"})
+    trust_torchscript: str | None = field(
+        default=None,
+        metadata={
+            "help": "a TorchScript archive (OpenAI's CLIP .pt release) you trust as --teacher-pretrained: only this "
+            "file may be loaded with torch.jit.load, which can run code stored in it"
+        },
+    )
+    verify: bool = field(
+        default=False,
+        metadata={
+            "help": "hash every image or shard file (reads the whole dataset): stored with a new cache; an existing "
+            "cache is checked against it (catches files replaced with the same size and modification time)"
+        },
+    )
     max_chunks: int | None = field(
         default=None,
         metadata={
@@ -191,39 +299,76 @@ class CacheConfig:
     )
 
 
-def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistInfo) -> int:
-    """Fill the cache; returns the number of units (chunks or shards) this rank wrote."""
-    folder = Path(cfg.output)
-    k = min(cfg.topk, len(spec.classnames))
+def _verify(folder: Path, meta: dict, spec: data.DataSpec, info: distributed.DistInfo) -> None:
+    """--verify on an existing cache: hash the data's bytes and compare them with the hash stored at build time (a
+    cache built without --verify gets the hash of the data as it is now, and says so)."""
+    if not info.is_main:
+        return
+    now = content_hash(spec)
+    if "content_hash" not in meta:
+        _write_json(folder / "meta.json", {**meta, "content_hash": now})
+        print(f"rpp.teacher_cache: {folder} was built without --verify: recorded the content hash of the data as it "
+              "is now; later --verify runs compare against it")  # fmt: skip
+    elif meta["content_hash"] != now:
+        raise UserError(f"--verify: the files of --data differ from those {folder} was built from (same names, sizes "
+                        "and modification times, other bytes): rebuild the cache in another --output")  # fmt: skip
+    else:
+        print(f"rpp.teacher_cache: --verify: the data's bytes match the cache {folder}")
+
+
+def planned_meta(cfg: CacheConfig, mcfg, spec: data.DataSpec) -> dict:
+    """What meta.json records for this build (before the shard counts of a new webdataset cache)."""
     meta = {
-        "k": k, "classes": len(spec.classnames), "fingerprint": spec.fingerprint(),
-        "teacher": method.cfg.teacher, "teacher_pretrained": method.cfg.teacher_pretrained,
-        "temperature": method.cfg.temperature,
+        "k": min(cfg.topk, len(spec.classnames)), "classes": len(spec.classnames), "fingerprint": fingerprint(spec),
+        "teacher": mcfg.teacher, "teacher_pretrained": mcfg.teacher_pretrained, "temperature": mcfg.temperature,
         # Random (test) teachers differ by seed; resuming a partial cache with another would mix two teachers.
-        "seed": None if method.cfg.teacher_pretrained else cfg.seed,
+        "seed": None if mcfg.teacher_pretrained else cfg.seed,
     }  # fmt: skip
     if spec.source is not None:
         meta.update(n=len(spec.source), chunk=cfg.chunk)
+    return meta
+
+
+def check_existing(folder: Path, meta: dict) -> dict:
+    """The existing cache's meta when it was built with `meta`'s settings, else a UserError naming what differs."""
+    old = read_meta(folder)
+    changed = sorted(key for key in meta if old.get(key) != meta[key])
+    if changed:
+        what = ", ".join("images or class names" if key == "fingerprint" else key for key in changed)
+        raise UserError(f"{folder} holds a cache with different {what}: use another --output")
+    return old
+
+
+def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistInfo) -> int:
+    """Fill the cache; returns the number of units (chunks or shards) this rank wrote."""
+    folder = Path(cfg.output)
+    meta = planned_meta(cfg, method.cfg, spec)
+    k = meta["k"]
+    if info.is_main:  # before any rank writes: what a kill during an earlier _write_json left behind
+        for tmp in folder.glob(".*.json.tmp*") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
     if (folder / "meta.json").is_file():  # every rank checks, so none waits at the barrier for a refused build
-        old = json.loads((folder / "meta.json").read_text())
-        changed = sorted(key for key in meta if old.get(key) != meta[key])
-        if changed:
-            what = ", ".join("images or class names" if key == "fingerprint" else key for key in changed)
-            raise UserError(f"{folder} holds a cache with different {what}: use another --output")
+        old = check_existing(folder, meta)
+        if cfg.verify:
+            _verify(folder, old, spec, info)
     elif info.is_main:
         if spec.shards is not None:  # counted once; the fingerprint (sizes, mtimes) guards them afterwards
             counts = data.shard_sample_counts(spec.shards)
             meta.update(n=sum(counts), shards=[os.path.basename(s) for s in spec.shards], counts=counts)
+        if cfg.verify:
+            meta["content_hash"] = content_hash(spec)
         checkpoint.make_output_dir(folder)
-        np.lib.format.open_memmap(folder / "indices.npy", "w+", np.int32, (meta["n"], k)).flush()
-        np.lib.format.open_memmap(folder / "probs.npy", "w+", np.float16, (meta["n"], k)).flush()
+        try:
+            np.lib.format.open_memmap(folder / "indices.npy", "w+", np.int32, (meta["n"], k)).flush()
+            np.lib.format.open_memmap(folder / "probs.npy", "w+", np.float16, (meta["n"], k)).flush()
+        except OSError as e:
+            raise UserError(f"cannot create the teacher cache arrays in {folder}: {e.strerror or e}") from None
         _write_json(folder / "meta.json", meta)  # last: its presence means the arrays exist
     distributed.barrier()
-    meta = json.loads((folder / "meta.json").read_text())
-    indices = np.load(folder / "indices.npy", mmap_mode="r+")
-    probs = np.load(folder / "probs.npy", mmap_mode="r+")
-    done = _done_units(folder)
+    meta = read_meta(folder)
+    indices, probs = load_arrays(folder, meta, mode="r+")
     units, name = _units(meta)
+    done = _done_units(folder, units)
     mine = [u for u in range(units) if u % info.world == info.rank and u not in done]
     if cfg.max_chunks is not None:
         mine = mine[: cfg.max_chunks]
@@ -265,17 +410,21 @@ def run(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if mcfg.teacher is None:
         raise UserError("--teacher is required to build a teacher cache")
+    mcfg.validate()
+    checkpoint.trust_torchscript(cfg.trust_torchscript)
     register_tiny_models()
     info = distributed.init()
     spec = data.resolve(cfg.data, cfg.data_format, cfg.classnames, cfg.seed)
+    if (Path(cfg.output) / "meta.json").is_file():  # refuse another cache's folder before building the teacher
+        check_existing(Path(cfg.output), planned_meta(cfg, mcfg, spec))
     torch.manual_seed(cfg.seed)
     method = RPPMethod(mcfg, spec.classnames, info.device)
     wrote = build(cfg, method, spec, info)
     distributed.barrier()
     if info.is_main:
-        meta = json.loads((Path(cfg.output) / "meta.json").read_text())
+        meta = read_meta(Path(cfg.output))
         units, name = _units(meta)
-        left = units - len(_done_units(Path(cfg.output)))
+        left = units - len(_done_units(Path(cfg.output), units))
         state = "complete" if left == 0 else f"{left} {name} left (run again to continue)"
         print(f"rpp.teacher_cache: {cfg.output}: {meta['n']} images, top-{meta['k']}; wrote {wrote} {name} on "
               f"rank 0; {state}; config {json.dumps(asdict(cfg))}")  # fmt: skip
