@@ -140,6 +140,14 @@ class MethodConfig:
         default=True,
         metadata={"help": "vision prompts with separate key and value rows per layer (RPP); false = shared VPT-deep"},
     )
+    vision_carry: bool | None = field(
+        default=None,
+        metadata={
+            "help": "shared vision prompts: carry the last prompted layer's prompt rows through the remaining layers "
+            "(VPT-deep, MaPLe, POMP's IVLP; the default) or drop them (false: the behaviour before); unshared k/v "
+            "prompts have no rows to carry; none = the default of rpp_kernels.integrations.open_clip"
+        },
+    )
     classes_per_step: int | None = field(
         default=1000,
         metadata={
@@ -346,7 +354,11 @@ class RPPMethod(nn.Module):
         if cfg.vision_prompts > 0:
             try:
                 self.vision_prompts = apply_vision_prompts(
-                    self.clip.visual, cfg.vision_prompts, cfg.vision_depth, unshared_qkv=cfg.vision_unshared_qkv
+                    self.clip.visual,
+                    cfg.vision_prompts,
+                    cfg.vision_depth,
+                    unshared_qkv=cfg.vision_unshared_qkv,
+                    carry=cfg.vision_carry,
                 )
             except (TypeError, ValueError) as exc:  # depth beyond the tower, a ResNet / timm / custom-block tower
                 raise UserError(f"--vision-prompts/--vision-depth on {cfg.model}: {exc}") from exc

@@ -372,3 +372,15 @@ def test_augmentation_choices():
     assert plain.preprocess_train is plain.preprocess_val
     with pytest.raises(UserError, match="crop-min-scale"):
         make(crop_min_scale=0.0)
+
+
+def test_vision_prompts_carried_after_the_last_prompted_layer_by_default():
+    """VPT semantics for shared vision prompts: the last prompted layer's rows go on through the remaining layers
+    (rpp_kernels' default); --no-vision-carry keeps the previous drop behaviour; unshared k/v prompts carry nothing."""
+    images, _ = batch(2)
+    carried = make(vision_prompts=2, vision_depth=1, vision_unshared_qkv=False)
+    dropped = make(vision_prompts=2, vision_depth=1, vision_unshared_qkv=False, vision_carry=False)
+    assert carried.vision_prompts.carry and not dropped.vision_prompts.carry
+    assert not make(vision_prompts=2, vision_depth=1).vision_prompts.carry
+    dropped.load_prompt_state_dict(carried.prompt_state_dict())  # same prompts, different semantics
+    assert not torch.allclose(carried.image_features(images), dropped.image_features(images))
