@@ -21,6 +21,7 @@ with warnings.catch_warnings():
     clip = pytest.importorskip("clip")
     from clip.model import CLIP, convert_weights
 
+from rpp_kernels.integrations.open_clip import apply_vision_prompts, encode_image_explicit, remove_vision_prompts
 from rpp_kernels.kd import topk_kd_loss
 from rpp_kernels.text import SharedPrefixTextEncoder
 
@@ -271,3 +272,93 @@ def test_clear_errors(model):
         rpp(NAMES, deep_prompts=torch.randn(1, N_CTX, 64))
     with pytest.raises(TypeError, match="OpenAI's clip.model.CLIP"):
         SharedPrefixTextEncoder(model.visual, N_CTX)
+
+
+# ------------------------------------------------------------------------------------------ vision (MaPLe / IVLP)
+def maple_encode_image(visual, image, shared_ctx, compound_deeper_prompts):
+    """MaPLe's ``VisionTransformer_MaPLe.forward`` + ``ResidualAttentionBlock_MaPLe`` (vision side), written out:
+    prompts appended after the patches before ``ln_pre``, replaced at layers 1..len(deep), carried afterwards."""
+    x = visual.conv1(image)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    zeros = torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    x = torch.cat([visual.class_embedding.to(x.dtype) + zeros, x], dim=1)
+    x = x + visual.positional_embedding.to(x.dtype)
+    visual_ctx = shared_ctx.expand(x.shape[0], -1, -1).type(x.dtype)
+    x = torch.cat([x, visual_ctx], dim=1)
+    x = visual.ln_pre(x)
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    n_ctx = shared_ctx.shape[0]
+    for counter, blk in enumerate(visual.transformer.resblocks):
+        if counter >= 1 and counter - 1 < len(compound_deeper_prompts):
+            prefix = x[0 : x.shape[0] - n_ctx, :, :]
+            visual_context = compound_deeper_prompts[counter - 1].expand(x.shape[1], -1, -1).permute(1, 0, 2)
+            x = torch.cat([prefix, visual_context.type(x.dtype)], dim=0)
+        x = blk(x)
+    x = x.permute(1, 0, 2)  # LND -> NLD
+    x = visual.ln_post(x[:, 0, :])
+    return x @ visual.proj
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_maple_text_and_vision_prompts(model, depth):
+    """MaPLe: vision prompts are projections of the text prompts (computed per step), deep on both sides."""
+    torch.manual_seed(5)
+    m = copy.deepcopy(model)
+    images = torch.randn(2, 3, 32, 32)
+    ctx = nn.Parameter(torch.randn(N_CTX, 64) * 0.5)
+    deep_text = nn.ParameterList([nn.Parameter(torch.randn(N_CTX, 64) * 0.5) for _ in range(depth - 1)])
+    proj = nn.Linear(64, 64)  # MaPLe's self.proj: text width -> vision width
+    deep_projs = nn.ModuleList([nn.Linear(64, 64) for _ in range(depth - 1)])
+
+    def learner():  # MaPLe's MultiModalPromptLearner.forward
+        return proj(ctx), [layer(p) for layer, p in zip(deep_projs, deep_text, strict=True)]
+
+    shared_ctx, deep_vision = learner()
+    ref_image = maple_encode_image(m.visual, images, shared_ctx, deep_vision)
+    ref_text = coop_text_features(m, NAMES, ctx, deep=list(deep_text))
+    ref = F.normalize(ref_image, dim=-1) @ F.normalize(ref_text, dim=-1).t()
+
+    enc = SharedPrefixTextEncoder(m, N_CTX)
+    apply_vision_prompts(m.visual, N_CTX, depth)  # our modules
+    shared_ctx, deep_vision = learner()
+    image = m.visual(images, prompts=[shared_ctx, *deep_vision])  # user line 1
+    text = enc(NAMES, ctx=ctx, deep_prompts=list(deep_text) or None)  # user line 2
+    out = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
+    rel_close(image, ref_image, "MaPLe image features")
+    rel_close(out, ref, "MaPLe logits")
+    params = [ctx, *deep_text, *proj.parameters(), *deep_projs.parameters()]
+    for i, (g, r) in enumerate(zip(grads(out, params), grads(ref, params), strict=True)):
+        assert r.abs().max() > 0
+        rel_close(g, r, f"MaPLe grad {i}")
+    remove_vision_prompts(m.visual)
+    with torch.no_grad():
+        torch.testing.assert_close(m.visual(images), model.visual(images), rtol=0, atol=0)
+
+
+def test_ivlp_module_prompts_and_explicit_reference(model):
+    """IVLP / VPT on CLIP with the module's own prompts: visual(images) == the explicit reference == MaPLe's code."""
+    m = copy.deepcopy(model)
+    prompts = apply_vision_prompts(m.visual, 3, 2, init_std=0.5)
+    images = torch.randn(2, 3, 32, 32)
+    out = m.visual(images)
+    ref = encode_image_explicit(m.visual, images, prompts)
+    with prompts.disabled():  # the client's code runs the original blocks
+        client = maple_encode_image(m.visual, images, prompts.tokens[0], [prompts.tokens[1]])
+    rel_close(out, ref, "explicit reference")
+    rel_close(out, client, "client code")
+    params = list(prompts.parameters())
+    for g, r in zip(grads(out, params), grads(client, params), strict=True):
+        rel_close(g, r, "IVLP prompt grad")
+
+
+def test_vision_prompts_on_fp16_model(model):
+    m16 = copy.deepcopy(model)
+    convert_weights(m16)
+    prompts = apply_vision_prompts(m16.visual, 3, 2, init_std=0.5)
+    images = torch.randn(2, 3, 32, 32).half()
+    with torch.no_grad():
+        out = m16.visual(images)
+        with prompts.disabled():
+            ref = maple_encode_image(m16.visual, images, prompts.tokens[0], [prompts.tokens[1]])
+    assert out.dtype == torch.float16
+    rel_close(out, ref, "fp16 vision features", tol=1e-2)
