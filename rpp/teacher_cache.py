@@ -14,6 +14,14 @@ Rows: image i of a map-style dataset is row i. A webdataset sample is row `offse
 shard` (offsets = cumulative counts, taken once from the tar headers when the cache is created); the training stream
 yields `data.sample_id(shard, position)` and `TeacherCache.lookup` maps it to that row. A corrupt image's row stays
 zero: the data loaders skip it, so training never asks for it.
+
+Which views the teacher labels. By default one row per image from the evaluation transform (resize + centre crop):
+a deliberate difference from the online teacher, which labels each augmented training view (rpp.train logs it).
+`--augmented` labels exactly the views rpp.train draws (map-style data): give the training run's --seed, --views,
+--epochs, --shots, --shots-seed and augmentation options (--augment, ...); augmentation is seeded per (seed, epoch,
+image, view), so the cache regenerates the same views. Rows: `((epoch * M + j) * views + view)` for the j-th image of
+the few-shot subset of M images; rpp.train checks that its options match and looks rows up by epoch and view.
+`--topk` defaults to the method's --kd-topk (100 by default), the k training uses.
 It is built resumably: a unit is written, flushed, then recorded in the rank's progress marker (atomic rename), so a
 killed run restarts at the first unit it had not recorded. Under torchrun the units are shared out over ranks
 (unit u on rank u % world); within a rank, data workers read different shards.
@@ -149,22 +157,40 @@ def _units(meta: dict) -> tuple[int, str]:
     """(progress units of the cache, their name): shards of a webdataset, else chunks of images."""
     if "shards" in meta:
         return len(meta["shards"]), "shards"
-    return math.ceil(meta["n"] / meta["chunk"]), "chunks"
+    views = meta["augmented"]["views"] if meta.get("augmented") else 1
+    return math.ceil(meta["n"] // views / meta["chunk"]), "chunks"
 
 
 class TeacherCache:
     """Read side, used by rpp.train: `lookup(indices [B]) -> (class ids [B, k] int64, probs [B, k] fp32)`, where
     indices are the data loader's (dataset positions, or webdataset sample ids)."""
 
-    def __init__(self, folder: Path, meta: dict):
+    def __init__(self, folder: Path, meta: dict, subset: np.ndarray | None = None):
         self.folder, self.meta = folder, meta
         self.indices, self.probs = load_arrays(folder, meta)
         self.counts = np.asarray(meta.get("counts", []), dtype=np.int64)
         self.offsets = np.cumsum(self.counts) - self.counts
+        self.augmented = meta.get("augmented")
+        self.subset = subset  # augmented caches: the sorted dataset positions of the few-shot subset
+
+    def describe(self) -> str:
+        """One line for the training log: which views the cached teacher labels belong to."""
+        if self.augmented:
+            a = self.augmented
+            return (f"teacher cache {self.folder}: top-{self.meta['k']} of the augmented training views "
+                    f"({a['epochs']} epoch(s) x {a['views']} view(s), seed {a['seed']})")  # fmt: skip
+        return (
+            f"teacher cache {self.folder}: top-{self.meta['k']} of centre crops, one per image (built without "
+            "--augmented): the teacher did not see the augmented views the student trains on"
+        )
 
     @classmethod
-    def open(cls, folder: str, spec: data.DataSpec, *, temperature: float) -> TeacherCache:
-        """The complete cache in ``folder`` for ``spec``'s images and classes at ``temperature``; else UserError."""
+    def open(
+        cls, folder: str, spec: data.DataSpec, *, temperature: float, training: dict | None = None
+    ) -> TeacherCache:
+        """The complete cache in ``folder`` for ``spec``'s images and classes at ``temperature``; else UserError.
+        ``training`` (see :func:`training_views`): the run's view options, which an ``--augmented`` cache must
+        match."""
         path = Path(folder)
         if not (path / "meta.json").is_file():
             raise UserError(f"--teacher-cache: no meta.json in {folder} (build it with python -m rpp.teacher_cache)")
@@ -179,7 +205,17 @@ class TeacherCache:
         missing = units - len(_done_units(path, units))
         if missing:
             raise UserError(f"--teacher-cache {folder} is incomplete ({missing} {name} left): rerun rpp.teacher_cache")
-        return cls(path, meta)
+        augmented = meta.get("augmented")
+        if not augmented:
+            return cls(path, meta)
+        if training is not None:
+            built = {key: value for key, value in augmented.items() if key != "epochs"}
+            changed = sorted(key for key in built if built[key] != training.get(key))
+            if changed:
+                what = ", ".join(f"{key} {built[key]!r} (this run: {training.get(key)!r})" for key in changed)
+                raise UserError(f"--teacher-cache {folder} holds the teacher's labels of other augmented views: built "
+                                f"with {what}; rebuild it with this run's options")  # fmt: skip
+        return cls(path, meta, few_shot_subset(spec, augmented["shots"], augmented["shots_seed"]))
 
     def rows(self, indices: torch.Tensor) -> np.ndarray:
         """Cache rows [B] of data-loader indices [B]."""
@@ -194,8 +230,26 @@ class TeacherCache:
                             f"{self.counts[s]} counted when the cache was built: rebuild the cache")  # fmt: skip
         return self.offsets[shard] + position
 
-    def lookup(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, indices: torch.Tensor, epoch: int | None = None, views: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class ids [B * views, k], probs [B * views, k]) for data-loader indices [B], view-major per image (the
+        order of ``batch.flatten(0, 1)``). A centre-crop cache repeats each image's row over its views; an augmented
+        one returns each view's own row of ``epoch``."""
         rows = self.rows(indices)
+        if not self.augmented:
+            rows = np.repeat(rows, views)
+        else:
+            a = self.augmented
+            if views != a["views"]:
+                raise UserError(
+                    f"--teacher-cache {self.folder} holds {a['views']} view(s) per image, the batch has {views}"
+                )
+            if epoch is None or not 0 <= epoch < a["epochs"]:
+                raise UserError(f"--teacher-cache {self.folder} covers {a['epochs']} epoch(s) of augmented views; this "
+                                f"run reached epoch {epoch}: rebuild it with --epochs of the run")  # fmt: skip
+            items = epoch * len(self.subset) + np.searchsorted(self.subset, rows)
+            rows = (items[:, None] * views + np.arange(views)).reshape(-1)
         return torch.from_numpy(self.indices[rows].astype(np.int64)), torch.from_numpy(
             self.probs[rows].astype(np.float32)
         )
@@ -225,6 +279,46 @@ class _ShardBatches(IterableDataset):
             if rows:
                 yield torch.stack(images), torch.tensor(rows), number, False
             yield None, None, number, True
+
+
+def few_shot_subset(spec: data.DataSpec, shots: int | None, shots_seed: int) -> np.ndarray:
+    """The sorted dataset positions rpp.train trains on (its --shots subset, or every image)."""
+    if shots is None:
+        return np.arange(len(spec.source))
+    return np.asarray(data.few_shot(spec.source.labels, shots, shots_seed), dtype=np.int64)
+
+
+def training_views(seed: int, views: int, shots: int | None, shots_seed: int, mcfg) -> dict:
+    """What decides the augmented views of a training run (besides the epoch): recorded by an ``--augmented`` cache
+    and compared with rpp.train's options."""
+    transform = [mcfg.model, mcfg.augment, mcfg.crop_min_scale, mcfg.randaugment_ops, mcfg.randaugment_magnitude]
+    return {"seed": seed, "views": views, "shots": shots, "shots_seed": shots_seed, "transform": transform}
+
+
+def _augmented_batches(spec: data.DataSpec, transform, chunks: list[int], cfg: CacheConfig, subset: np.ndarray):
+    """`(images [b * views, C, H, W], rows [b * views], chunk, False)` for chunks of `cfg.chunk` (epoch, image) items,
+    each image's views drawn exactly as rpp.train's loader draws them (same ViewsDataset, seed and keys)."""
+    m, per_batch = len(subset), max(1, cfg.batch_size // cfg.views)
+    items = m * cfg.epochs
+    batches: list[list[tuple[int, int]]] = []
+    chunk_of: list[int] = []
+    for c in chunks:
+        keys = [divmod(u, m) for u in range(c * cfg.chunk, min(items, (c + 1) * cfg.chunk))]
+        for start in range(0, len(keys), per_batch):
+            batches.append(keys[start : start + per_batch])
+            chunk_of.append(c)
+    if not batches:
+        return
+    dataset = data.ViewsDataset(spec.source, transform, cfg.views, cfg.seed, subset.tolist())
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+    for b, (views, _, idx, _) in enumerate(loader):
+        # idx is the image actually loaded (a corrupt one is replaced as in training): its own (epoch, image) rows
+        epochs = torch.tensor([e for e, _ in batches[b]])
+        item = epochs * m + torch.from_numpy(np.searchsorted(subset, idx.numpy()))
+        rows = (item[:, None] * cfg.views + torch.arange(cfg.views)).reshape(-1)
+        yield views.flatten(0, 1), rows, chunk_of[b], False
+        if b + 1 == len(batches) or chunk_of[b + 1] != chunk_of[b]:
+            yield None, None, chunk_of[b], True
 
 
 def _chunk_batches(spec: data.DataSpec, transform, chunks: list[int], cfg: CacheConfig):
@@ -269,14 +363,32 @@ class CacheConfig:
         default=None, metadata={"help": "class names file, as for rpp.train (required for webdataset)"}
     )
     output: str = field(default="runs/teacher-cache", metadata={"help": "cache directory (created or resumed)"})
-    topk: int = field(default=32, metadata={"help": "teacher classes kept per image"})
+    topk: int | None = field(
+        default=None, metadata={"help": "teacher classes kept per image; none = the method's --kd-topk (training's k)"}
+    )
+    augmented: bool = field(
+        default=False,
+        metadata={
+            "help": "label the augmented views rpp.train draws (give its --seed, --views, --epochs, --shots, "
+            "--shots-seed and augmentation options) instead of one centre crop per image (map-style data)"
+        },
+    )
+    epochs: int = field(default=1, metadata={"help": "--augmented: epochs of views to label (rpp.train's --epochs)"})
+    views: int = field(default=1, metadata={"help": "--augmented: views per image (rpp.train's --views)"})
+    shots: int | None = field(
+        default=None, metadata={"help": "--augmented: rpp.train's --shots (only that subset is labelled)"}
+    )
+    shots_seed: int = field(default=0, metadata={"help": "--augmented: rpp.train's --shots-seed"})
     chunk: int = field(
         default=4096,
         metadata={"help": "images per progress marker update (map-style data; webdataset progress is per shard)"},
     )
     batch_size: int = field(default=128, metadata={"help": "images per forward pass"})
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per rank"})
-    seed: int = field(default=0, metadata={"help": "seed for random teacher weights (tiny test models only)"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of random teacher weights (tiny test models) and, --augmented, rpp.train's --seed"},
+    )
     trust_torchscript: str | None = field(
         default=None,
         metadata={
@@ -326,6 +438,10 @@ def planned_meta(cfg: CacheConfig, mcfg, spec: data.DataSpec) -> dict:
     }  # fmt: skip
     if spec.source is not None:
         meta.update(n=len(spec.source), chunk=cfg.chunk)
+    if cfg.augmented:
+        views = training_views(cfg.seed, cfg.views, cfg.shots, cfg.shots_seed, mcfg)
+        meta.update(augmented={**views, "epochs": cfg.epochs})
+        meta["n"] = len(few_shot_subset(spec, cfg.shots, cfg.shots_seed)) * cfg.epochs * cfg.views
     return meta
 
 
@@ -377,6 +493,9 @@ def build(cfg: CacheConfig, method, spec: data.DataSpec, info: distributed.DistI
         shards = _ShardBatches([(u, spec.shards[u], int(offsets[u])) for u in mine], method.preprocess_val,
                                cfg.batch_size)  # fmt: skip
         batches = DataLoader(shards, batch_size=None, num_workers=min(cfg.num_workers, len(mine)))
+    elif cfg.augmented:
+        subset = few_shot_subset(spec, cfg.shots, cfg.shots_seed)
+        batches = _augmented_batches(spec, method.preprocess_train, mine, cfg, subset)
     else:
         batches = _chunk_batches(spec, method.preprocess_val, mine, cfg)
     marker = folder / f"progress-{info.rank}.json"
@@ -405,9 +524,15 @@ def run(argv: list[str] | None = None) -> int:
 
     cfg, mcfg = parse([CacheConfig, MethodConfig], argv, prog="python -m rpp.teacher_cache",
                       description=__doc__.split("\n\n")[0])  # fmt: skip
-    for name in ("topk", "chunk", "batch_size"):
+    if cfg.topk is None:
+        if mcfg.kd_topk is None:
+            raise UserError("--topk: a cache stores a top-k; give --topk (or --kd-topk) when --kd-topk is none")
+        cfg.topk = mcfg.kd_topk
+    for name in ("topk", "chunk", "batch_size", "epochs", "views"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.shots is not None and cfg.shots <= 0:
+        raise UserError(f"--shots must be positive or none, got {cfg.shots}")
     if mcfg.teacher is None:
         raise UserError("--teacher is required to build a teacher cache")
     mcfg.validate()
@@ -415,8 +540,12 @@ def run(argv: list[str] | None = None) -> int:
     register_tiny_models()
     info = distributed.init()
     spec = data.resolve(cfg.data, cfg.data_format, cfg.classnames, cfg.seed)
-    if (Path(cfg.output) / "meta.json").is_file():  # refuse another cache's folder before building the teacher
-        check_existing(Path(cfg.output), planned_meta(cfg, mcfg, spec))
+    if cfg.augmented and spec.source is None:
+        raise UserError("--augmented needs map-style data (image folders, imagenet21k, builtin), not webdataset")
+    if (Path(cfg.output) / "meta.json").is_file():  # refuse another cache's or a torn folder before the teacher
+        old = check_existing(Path(cfg.output), planned_meta(cfg, mcfg, spec))
+        load_arrays(Path(cfg.output), old)
+        _done_units(Path(cfg.output), _units(old)[0])
     torch.manual_seed(cfg.seed)
     method = RPPMethod(mcfg, spec.classnames, info.device)
     wrote = build(cfg, method, spec, info)
