@@ -688,19 +688,21 @@ def run(cfg: SPTConfig, state: dict | None = None, on_step=None) -> int:
         else:
             epoch, batch, step = state["epoch"], state["batch"], state["step"]
             history, sums = [r for r in state["history"] if not r.get("partial")], dict(state["sums"])
-            with torch.no_grad():
-                model.prompt_tokens.copy_(state["prompt_tokens"])
-                model.head.load_state_dict(state["head"])
+            if ema is not None and not isinstance(state.get("ema"), dict):
+                raise UserError(f"--resume: {cfg.resume} holds no EMA weights although --ema {cfg.ema}")
             try:
+                with torch.no_grad():
+                    if state["prompt_tokens"].shape != model.prompt_tokens.shape:
+                        raise ValueError(f"prompt_tokens {list(state['prompt_tokens'].shape)}")
+                    model.prompt_tokens.copy_(state["prompt_tokens"])
+                    model.head.load_state_dict(state["head"])
+                    for name, t in (state["ema"] or {}).items() if ema is not None else ():
+                        ema.shadow[name].copy_(t)
                 optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise UserError(f"--resume: the optimizer state in {cfg.resume} does not fit: {e}") from None
-            if ema is not None:
-                if not isinstance(state.get("ema"), dict):
-                    raise UserError(f"--resume: {cfg.resume} holds no EMA weights although --ema {cfg.ema}")
-                for name, t in state["ema"].items():
-                    ema.shadow[name].copy_(t)
-            torch.set_rng_state(state["rng"])
+                torch.set_rng_state(state["rng"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"--resume: {cfg.resume} does not fit this run: {first}") from None
             print(f"{PROG}: resuming from {cfg.resume} at epoch {epoch + 1}, batch {batch} (step {step})")
         n_trained = sum(p.numel() for p in trained.values())
         n_total = sum(p.numel() for p in model.parameters())
@@ -857,6 +859,8 @@ def _remove_stale(out: Path) -> None:
 
 
 def train(argv: list[str] | None = None, on_step=None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("rpp.spt runs in a single process (not under torchrun): start one process per run")
     cfg, state, _ = resolve_config(argv)
     threads = torch.get_num_threads()
     try:

@@ -87,7 +87,19 @@ def test_resume_refusals(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
-    # Repeating an option with its value is fine; an rpp.train state is not an rpp.spt one.
+    # A torn state and one whose tensors do not fit are one-line errors too.
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({**state, "prompt_tokens": state["prompt_tokens"][:, :3]}, bad / STATE_FILE)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / STATE_FILE).write_bytes((out / STATE_FILE).read_bytes()[:500])
+    for run, message in ((bad, "does not fit this run: prompt_tokens [4, 3, 64]"), (torn, "cannot read")):
+        assert main(["--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    # An rpp.train state is not an rpp.spt one.
     (tmp_path / "other").mkdir()
     torch.save({"format": "rpp.train_state", "version": 1}, tmp_path / "other" / STATE_FILE)
     assert main(["--resume", str(tmp_path / "other")]) == 2
