@@ -27,6 +27,12 @@ Modes.
   ``prompt_attention``); custom blocks, gated attention, ``attn_head_dim != dim / heads`` and attention dropout are
   refused with a ValueError/TypeError (shallow mode runs any block).
 
+VPT's options. ``project=d`` learns prompts of width ``d`` and maps them with one ``nn.Linear(d, dim)``
+(``model.prompt_proj``, shared by all layers; VPT's ``PROMPT.PROJECT``); ``dropout=p`` applies ``model.prompt_dropout``
+to the (projected) prompts of every layer, per sample as VPT does (``dropout(proj(prompts).expand(B, -1, -1))``, VPT's
+``PROMPT.DROPOUT``): while it is active (training, ``p > 0``) deep mode reads per-sample prompt keys/values
+``[B, H, P, D]`` instead of the batch-shared ``[H, P, D]``.
+
 Only ``forward_features`` (hence ``forward``) runs with prompts. ``forward_intermediates`` (and so
 ``get_intermediate_layers``) would silently return unprompted features, so a prompted model raises a clear error there
 instead; ``attn_mask`` / ``is_causal`` are refused by the prompted ``forward_features``.
@@ -55,9 +61,40 @@ __all__ = ["add_prompts", "remove_prompts", "vpt_forward_features", "read_backbo
 _MODES = ("deep", "shallow")
 
 
+_NEEDED = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
+# Attributes of prompt implementations that already live in the model (VPT's PromptedVisionTransformer, ours).
+_PROMPT_ATTRS = ("prompt_tokens", "prompt_embeddings", "deep_prompt_embeddings", "prompt_proj", "prompt_dropout")
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+
+
+def _check_promptable(model: VisionTransformer) -> None:
+    """Refuse models whose forward add_prompts does not know, that lack a piece it needs, or that carry prompts."""
+    cls = type(model)
+    if cls.forward_features is not VisionTransformer.forward_features:
+        raise TypeError(
+            f"add_prompts: {cls.__name__} overrides forward_features (e.g. an MAE or VPT backbone); add_prompts "
+            "replaces timm's VisionTransformer.forward_features and would silently drop what the override does"
+        )
+    missing = [n for n in _NEEDED if not isinstance(getattr(model, n, None), (nn.Module, types.MethodType))]
+    if missing:
+        raise TypeError(
+            f"add_prompts: {cls.__name__} lacks {', '.join(missing)} (deleted or replaced), which the prompted "
+            "forward_features needs; use a plain timm VisionTransformer"
+        )
+    carried = [n for n in _PROMPT_ATTRS if hasattr(model, n)]
+    if carried:
+        raise ValueError(
+            f"add_prompts: model already has prompts ({', '.join('model.' + n for n in carried)}); "
+            + (
+                "call remove_prompts(model) first"
+                if "prompt_tokens" in carried
+                else "it is prompted by other code: add_prompts would add a second set"
+            )
+        )
 
 
 def _check_deep_blocks(model: VisionTransformer) -> None:
@@ -95,19 +132,29 @@ def _vpt_uniform_init(model: VisionTransformer, shape: tuple[int, ...]) -> torch
 
 
 def add_prompts(
-    model: VisionTransformer, num_prompts: int, mode: str = "deep", init: torch.Tensor | None = None
+    model: VisionTransformer,
+    num_prompts: int,
+    mode: str = "deep",
+    init: torch.Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    project: int | None = None,
 ) -> VisionTransformer:
     """Add learnable visual prompts to a timm ``VisionTransformer`` in place; returns the same model.
 
-    ``model.prompt_tokens`` becomes an ``nn.Parameter`` of shape ``[depth, P, dim]`` (``mode='deep'``) or
-    ``[1, P, dim]`` (``mode='shallow'``), initialised from ``init`` (a tensor of that shape) or, with ``init=None``,
-    with VPT's uniform initialisation. ``model.forward_features`` (and so ``model(x)``) then runs with prompts; see the
-    module docstring for the layout. Undo with :func:`remove_prompts`. Equivalent PyTorch (see
-    :func:`vpt_forward_features`)::
+    ``model.prompt_tokens`` becomes an ``nn.Parameter`` of shape ``[depth, P, width]`` (``mode='deep'``) or
+    ``[1, P, width]`` (``mode='shallow'``), with ``width = project or dim``, initialised from ``init`` (a tensor of
+    that shape) or, with ``init=None``, with VPT's uniform initialisation. ``project=d`` adds ``model.prompt_proj``
+    (``nn.Linear(d, dim)``, VPT's initialisation); ``dropout=p`` adds ``model.prompt_dropout`` (``nn.Dropout(p)``),
+    as VPT's ``PROMPT.PROJECT`` / ``PROMPT.DROPOUT``. ``model.forward_features`` (and so ``model(x)``) then runs
+    with prompts; see the module docstring for the layout. Undo with :func:`remove_prompts`. Refused with a clear
+    error: models overriding ``forward_features``, models missing a piece of it (``norm`` ...), models that already
+    carry prompts. Equivalent PyTorch (see :func:`vpt_forward_features`)::
 
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-        for i, blk in enumerate(model.blocks):  # shallow: insert prompt_tokens[0] once, before block 0
-            x = cat([x[:, :n_prefix], prompt_tokens[i].expand(B, P, dim), x[:, n_prefix + (P if i else 0):]], 1)
+        for i, blk in enumerate(model.blocks):  # shallow: insert prompts once, before block 0
+            rows = prompt_dropout(prompt_proj(prompt_tokens[i]).expand(B, P, dim))
+            x = cat([x[:, :n_prefix], rows, x[:, n_prefix + (P if i else 0):]], 1)
             x = blk(x)
         logits = model.forward_head(model.norm(x))
     """
@@ -116,11 +163,17 @@ def add_prompts(
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts must be a positive int, got {num_prompts!r}")
-    if hasattr(model, "prompt_tokens"):
-        raise ValueError("model already has prompts (model.prompt_tokens); call remove_prompts(model) first")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if project is not None and (not isinstance(project, int) or project < 1):
+        raise ValueError(
+            f"project must be a positive int (the prompt width before projection) or None, got {project!r}"
+        )
+    _check_promptable(model)
     if mode == "deep":
         _check_deep_blocks(model)
-    shape = (len(model.blocks) if mode == "deep" else 1, num_prompts, model.embed_dim)
+    width = model.embed_dim if project is None else project
+    shape = (len(model.blocks) if mode == "deep" else 1, num_prompts, width)
     if init is None:
         init = _vpt_uniform_init(model, shape)
     elif not isinstance(init, torch.Tensor) or tuple(init.shape) != shape:
@@ -128,6 +181,11 @@ def add_prompts(
         raise ValueError(f"init must be a tensor of shape {shape} for mode={mode!r}, got {got}")
     ref = model.patch_embed.proj.weight
     model.prompt_tokens = nn.Parameter(init.detach().to(device=ref.device, dtype=ref.dtype).clone())
+    if project is not None:
+        model.prompt_proj = nn.Linear(project, model.embed_dim, device=ref.device, dtype=ref.dtype)
+        nn.init.kaiming_normal_(model.prompt_proj.weight, a=0, mode="fan_out")  # VPT's initialisation
+    if dropout > 0:
+        model.prompt_dropout = nn.Dropout(dropout)
     model.prompt_mode = mode
     forward = _forward_features_deep if mode == "deep" else _forward_features_shallow
     model.forward_features = types.MethodType(forward, model)
@@ -141,6 +199,9 @@ def remove_prompts(model: VisionTransformer) -> VisionTransformer:
         raise ValueError("model has no prompts to remove (no model.prompt_tokens)")
     del model.prompt_tokens
     del model.prompt_mode
+    for name in ("prompt_proj", "prompt_dropout"):
+        if hasattr(model, name):
+            delattr(model, name)
     del model.forward_features  # the instance attributes; the class methods show through again
     del model.forward_intermediates
     return model
@@ -172,10 +233,23 @@ def _check_no_mask(attn_mask, is_causal) -> None:
         raise ValueError("prompted forward_features does not support attn_mask / is_causal")
 
 
+def _prompt_rows(model: VisionTransformer, layer: int, batch: int, per_sample: bool = False) -> torch.Tensor:
+    """Layer ``layer``'s prompt rows after the projection and dropout: ``[P, dim]`` while no dropout is active, else
+    ``[B, P, dim]`` (VPT draws the dropout mask per sample); ``per_sample`` always gives ``[B, P, dim]``."""
+    rows = model.prompt_tokens[layer]
+    proj = getattr(model, "prompt_proj", None)
+    if proj is not None:
+        rows = proj(rows)
+    drop = getattr(model, "prompt_dropout", None)
+    if drop is not None and drop.training and drop.p > 0:
+        return drop(rows.expand(batch, -1, -1))
+    return rows.expand(batch, -1, -1) if per_sample else rows
+
+
 def _forward_features_shallow(self: VisionTransformer, x: torch.Tensor, attn_mask=None, is_causal=False):
     _check_no_mask(attn_mask, is_causal)
     x = _embed(self, x)
-    x = _insert(x, self.prompt_tokens.expand(x.shape[0], -1, -1), self.num_prefix_tokens, dim=1)
+    x = _insert(x, _prompt_rows(self, 0, x.shape[0], per_sample=True), self.num_prefix_tokens, dim=1)
     if self.grad_checkpointing and torch.is_grad_enabled():
         for blk in self.blocks:
             x = checkpoint(blk, x, use_reentrant=False)
@@ -190,7 +264,7 @@ def _forward_features_deep(self: VisionTransformer, x: torch.Tensor, attn_mask=N
     last = len(self.blocks) - 1
     head_reads_prompts = self.global_pool != "token"
     for i, blk in enumerate(self.blocks):
-        args = (blk, x, self.prompt_tokens[i], self.num_prefix_tokens, head_reads_prompts and i == last)
+        args = (blk, x, _prompt_rows(self, i, x.shape[0]), self.num_prefix_tokens, head_reads_prompts and i == last)
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint(_deep_block, *args, use_reentrant=False)
         else:
@@ -208,19 +282,27 @@ def _attn_out(attn: Attention, o: torch.Tensor) -> torch.Tensor:
 def _deep_block(blk: Block, x: torch.Tensor, prompts: torch.Tensor, n_prefix: int, keep_prompts: bool) -> torch.Tensor:
     """One timm ``Block`` over ``[prefix | prompts | patches]`` with the prompt rows held as a batch-shared prefix.
 
-    x: ``[B, T, dim]`` (prefix + patch rows, no prompts); prompts: ``[P, dim]``. Returns ``[B, T, dim]``, or with
-    ``keep_prompts`` the full ``[B, T + P, dim]`` sequence including the prompt rows' outputs.
+    x: ``[B, T, dim]`` (prefix + patch rows, no prompts); prompts: ``[P, dim]`` (batch-shared) or ``[B, P, dim]``
+    (per sample, under prompt dropout). Returns ``[B, T, dim]``, or with ``keep_prompts`` the full ``[B, T + P, dim]``
+    sequence including the prompt rows' outputs.
     """
     attn = blk.attn
     batch = x.shape[0]
-    prompts_n = blk.norm1(prompts)  # [P, dim]: once for the whole batch
-    (q, k, v), (pq, pk, pv) = prompt_qkv(
-        blk.norm1(x), attn.qkv.weight, attn.qkv.bias, attn.num_heads, prompts_n, prompts_n, prompts_n
-    )
+    prompts_n = blk.norm1(prompts)  # [P, dim]: once for the whole batch (unless per sample)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if prompts.dim() == 2:
+        (q, k, v), (pq, pk, pv) = prompt_qkv(
+            blk.norm1(x), weight, bias, attn.num_heads, prompts_n, prompts_n, prompts_n
+        )
+    else:
+        (q, k, v), _ = prompt_qkv(blk.norm1(x), weight, bias, attn.num_heads)
+        packed = torch.nn.functional.linear(prompts_n, weight, bias)  # [B, P, 3 * dim]
+        pq, pk, pv = packed.unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, P, D]
     q, k, pk = attn.q_norm(q), attn.k_norm(k), attn.k_norm(pk)
     if keep_prompts:
         # Last block and the head reads the prompt rows: they also query (per sample, since keys include the image).
-        q = _insert(q, attn.q_norm(pq).expand(batch, -1, -1, -1), n_prefix, dim=2)
+        pq = attn.q_norm(pq)
+        q = _insert(q, pq.expand(batch, -1, -1, -1) if pq.dim() == 3 else pq, n_prefix, dim=2)
         x = _insert(x, prompts.expand(batch, -1, -1), n_prefix, dim=1)
     o = prompt_attention(q, k, v, pk, pv, softmax_scale=attn.scale)
     x = x + blk.drop_path1(blk.ls1(_attn_out(attn, o)))
@@ -228,18 +310,18 @@ def _deep_block(blk: Block, x: torch.Tensor, prompts: torch.Tensor, n_prefix: in
 
 
 def vpt_forward_features(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Explicit-concat VPT reference: concatenate ``model.prompt_tokens`` into the sequence, run the unmodified blocks.
+    """Explicit-concat VPT reference: concatenate the prompts into the sequence, run the unmodified blocks.
 
     images: ``[B, 3, H, W]``; returns ``[B, n_prefix + P + N, dim]`` (after ``model.norm``). Feed it to
-    ``model.forward_head`` for logits. Needs :func:`add_prompts` to have been called (for ``prompt_tokens``).
+    ``model.forward_head`` for logits. Needs :func:`add_prompts` to have been called (for ``prompt_tokens``); the
+    prompts of layer ``i`` are ``prompt_dropout(prompt_proj(prompt_tokens[i]).expand(B, -1, -1))`` as in VPT.
     """
-    prompts = model.prompt_tokens
-    n_prefix, n_prompts = model.num_prefix_tokens, prompts.shape[1]
+    n_prefix, n_prompts = model.num_prefix_tokens, model.prompt_tokens.shape[1]
     x = _embed(model, images)
     for i, blk in enumerate(model.blocks):
         if i == 0 or model.prompt_mode == "deep":
             rest = x[:, n_prefix + (n_prompts if i else 0) :]
-            x = torch.cat([x[:, :n_prefix], prompts[i].expand(x.shape[0], -1, -1), rest], dim=1)
+            x = torch.cat([x[:, :n_prefix], _prompt_rows(model, i, x.shape[0], per_sample=True), rest], dim=1)
         x = blk(x)
     return model.norm(x)
 

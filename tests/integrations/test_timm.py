@@ -288,3 +288,75 @@ def test_parity_cuda_fp32():
     model = add_prompts(tiny_vit(global_pool="avg", embed_dim=64, num_heads=2), 4, "deep").cuda()
     images = torch.randn(3, 3, 32, 32, device="cuda")
     assert_close(model(images), reference_logits(model, images), tol=1e-3)  # the kernel may use TF32 dots
+
+
+# ------------------------------------------------------------------------------------------ VPT's own code
+def vpt_client_logits(model, x, prompt_embeddings, deep_prompt_embeddings, prompt_proj, prompt_dropout):
+    """VPT's ``PromptedTransformer.incorporate_prompt`` + ``forward_deep_prompt`` (deep=None: shallow), written
+    for timm's modules: prompts after the class token, replaced before every block (deep), per-sample dropout."""
+    batch, num_tokens = x.shape[0], prompt_embeddings.shape[1]
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    x = torch.cat(
+        (x[:, :1, :], prompt_dropout(prompt_proj(prompt_embeddings).expand(batch, -1, -1)), x[:, 1:, :]), dim=1
+    )
+    hidden_states = None
+    for i in range(len(model.blocks)):
+        if i == 0:
+            hidden_states = model.blocks[i](x)
+        else:
+            if deep_prompt_embeddings is not None and i <= deep_prompt_embeddings.shape[0]:
+                deep_prompt_emb = prompt_dropout(prompt_proj(deep_prompt_embeddings[i - 1]).expand(batch, -1, -1))
+                hidden_states = torch.cat(
+                    (hidden_states[:, :1, :], deep_prompt_emb, hidden_states[:, (1 + num_tokens) :, :]), dim=1
+                )
+            hidden_states = model.blocks[i](hidden_states)
+    return model.forward_head(model.norm(hidden_states))
+
+
+@pytest.mark.parametrize("mode", ["deep", "shallow"])
+@pytest.mark.parametrize(("dropout", "project"), [(0.0, None), (0.25, None), (0.0, 16), (0.25, 16)])
+def test_vpt_client_code_with_dropout_and_projection(mode, dropout, project):
+    model = add_prompts(tiny_vit(), 4, mode, dropout=dropout, project=project).train()
+    images = torch.randn(3, 3, 32, 32)
+    prompts = model.prompt_tokens
+    proj = getattr(model, "prompt_proj", torch.nn.Identity())
+    drop = getattr(model, "prompt_dropout", torch.nn.Identity())
+    params = [prompts, *proj.parameters()]
+    torch.manual_seed(7)  # the same dropout masks: both draw them per sample, layer by layer, in the same order
+    out = model(images)
+    torch.manual_seed(7)
+    ref = vpt_client_logits(model, images, prompts[:1], prompts[1:] if mode == "deep" else None, proj, drop)
+    assert_close(out, ref, tol=5e-5)
+    grad = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
+        assert r.abs().max() > 0
+        assert_close(g, r, tol=1e-4)
+    if dropout:
+        torch.manual_seed(8)
+        assert not torch.allclose(model(images), out)  # dropout is live in training
+    with torch.no_grad():
+        assert_close(model.eval()(images), reference_logits(model, images), tol=5e-5)
+
+
+def test_refuses_unknown_or_incomplete_or_prompted_models():
+    class MAEBackbone(VisionTransformer):  # VPT's MAE backbone: own forward_features, deletes norm, own prompts
+        def forward_features(self, x):
+            return super().forward_features(x)
+
+    with pytest.raises(TypeError, match="overrides forward_features"):
+        add_prompts(MAEBackbone(**TINY), 3)
+    model = tiny_vit()
+    del model.norm
+    with pytest.raises(TypeError, match="lacks norm"):
+        add_prompts(model, 3)
+    model = tiny_vit()
+    model.prompt_embeddings = torch.nn.Parameter(torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="prompted by other code"):
+        add_prompts(model, 3)
+    with pytest.raises(ValueError, match="dropout"):
+        add_prompts(tiny_vit(), 3, dropout=1.0)
+    with pytest.raises(ValueError, match="project"):
+        add_prompts(tiny_vit(), 3, project=0)
+    model = add_prompts(tiny_vit(), 3, dropout=0.1, project=8)
+    remove_prompts(model)
+    assert not any(hasattr(model, n) for n in ("prompt_tokens", "prompt_proj", "prompt_dropout"))
