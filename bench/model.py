@@ -1,0 +1,471 @@
+"""Work model of every Triton launch at the static gate's shapes: a MODEL, never a measurement.
+
+For each launch the static gate records (``rpp_kernels.tools.static_gate.capture``: real grid, tile constexprs and
+scalar arguments of the launchers, nothing executed), the per-kernel descriptions below compute
+
+* MMA FLOPs executed: every ``tl.dot`` of every loop trip the program runs, at its padded tile shape;
+* MMA FLOPs useful: the unpadded matmul work of the op (FlashAttention's count: 2 matmuls forward, 5 backward);
+* minimum HBM bytes: each tensor the kernel must read or write, once;
+* streamed bytes: what the programs load and store, summed over programs (no L2 reuse assumed);
+* CTAs per wave on an H100 (132 SMs x CTAs resident per SM from the sm_90 compile's registers and shared memory,
+  read from ``bench/results/static/sm_90.json`` when it holds the same specialisation; else 1 per SM);
+* a lower-bound H100 time: ``max(ceil(CTAs / 132) * FLOPs per CTA / (peak / 132), min bytes / 3.35 TB/s)`` with peak
+  989 TFLOP/s dense bf16/fp16, 494.5 TF32, a third of that for 3xTF32, 67 for fp32 FMA (``input_precision="ieee"``).
+
+Each kernel's description states how many ``tl.dot`` calls it and each JIT helper it calls contain
+(``DOTS``); ``check_dots`` compares that with the kernel source, so a kernel that changes its matmuls fails
+``pytest bench/test_model.py`` until its description here is updated. Kernel owners keep these current.
+
+Run ``python bench/model.py [--out bench/results/model] [--only TEXT]`` (imports Triton without the interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+H100 = {"sms": 132, "hbm_bytes_per_s": 3.35e12}
+PEAK_FLOPS = {"16-bit": 989e12, "tf32": 494.5e12, "tf32x3": 494.5e12 / 3, "ieee": 67e12}
+LABEL = "MODEL: computed from the launches' grids and tiles (no GPU ran this); never a measurement"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class View:
+    """One recorded launch, read by the descriptions: ``c`` constexprs, ``s`` scalars, ``t`` tensors."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    c: dict
+    s: dict
+    t: dict
+
+    def nbytes(self, *names: str) -> int:
+        """Bytes of the named tensors, each distinct tensor once (stand-ins repeat another argument's pointer)."""
+        seen, total = set(), 0
+        for name in names:
+            info = self.t.get(name)
+            if info is None:
+                continue
+            ident = (info["ptr"], tuple(info["shape"]))
+            if ident not in seen:
+                seen.add(ident)
+                total += info["bytes"]
+        return total
+
+    def elem(self, name: str) -> int:
+        info = self.t[name]
+        return info["bytes"] // max(1, math.prod(info["shape"]))
+
+
+@dataclass
+class Work:
+    family: str  # the op pass the launch belongs to: attention-fwd, attention-bwd, qkv-fwd, kd-fwd, kd-bwd
+    mma_flops: float  # executed, padded tiles included
+    min_bytes: float
+    streamed_bytes: float
+    precision: str  # key of PEAK_FLOPS
+
+
+KERNELS: dict[str, Callable[[View], Work]] = {}
+# kernel -> {JIT function reached from it: number of tl.dot calls in its body}; functions without tl.dot may be omitted
+DOTS: dict[str, dict[str, int]] = {}
+SOURCES = {
+    "attention": "rpp_kernels/ops/attention/triton.py",
+    "kd": "rpp_kernels/ops/kd/triton.py",
+}
+
+
+def describe(name: str, dots: dict[str, int]):
+    def register(fn):
+        KERNELS[name], DOTS[name] = fn, dots
+        return fn
+
+    return register
+
+
+def _precision(v: View, pointer: str, constexpr: str) -> str:
+    if v.t[pointer]["dtype"] in ("bfloat16", "float16"):
+        return "16-bit"
+    return str(v.c.get(constexpr, "ieee"))
+
+
+# ---------------------------------------------------------------------------------------------- attention kernels
+def _attn_heads(v: View) -> int:
+    return v.grid[1]  # batch * heads on grid axis 1
+
+
+@describe("_qkv_fwd_kernel", {"_qkv_fwd_kernel": 1})
+def _qkv(v: View) -> Work:
+    bm, bk, bd = v.c["BLOCK_M"], v.c["BLOCK_K"], v.c["BLOCK_D"]
+    ctas = v.grid[0] * v.grid[1]
+    k_pad = cdiv(v.s["embed"], bk) * bk
+    elem = v.elem("x_ptr")
+    streamed = ctas * k_pad * (bm + bd) * elem + v.nbytes("out_ptr")
+    return Work(
+        "qkv-fwd",
+        ctas * 2 * bm * bd * k_pad,
+        v.nbytes("x_ptr", "w_ptr", "out_ptr") + (v.nbytes("b_ptr") if v.c["HAS_BIAS"] else 0),
+        streamed,
+        _precision(v, "x_ptr", "DOT_PRECISION"),
+    )
+
+
+def _key_tiles(v: View, start_m: int) -> int:
+    """Key tiles (prefix + tokens) a query block starting at ``start_m`` visits in the forward / dq loops."""
+    bm, bn = v.c["BLOCK_M"], v.c["BLOCK_N"]
+    n_k, n_prefix = _arg(v, "n_k"), _arg(v, "n_prefix")
+    hi = min(n_k, start_m + bm) if v.c["CAUSAL"] else n_k
+    return cdiv(n_prefix, bn) + cdiv(hi, bn)
+
+
+def _arg(v: View, name: str) -> int:
+    """A scalar argument, wherever specialisation put it (an argument equal to 1 is a constexpr)."""
+    value = v.s.get(name, v.c.get(name))
+    return 0 if value is None else int(value)
+
+
+@describe("_prompt_attn_fwd_kernel", {"_prompt_attn_fwd_kernel": 0, "_fwd_tiles": 2})
+def _attn_fwd(v: View) -> Work:
+    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
+    n_q = _arg(v, "n_q")
+    tiles = sum(_key_tiles(v, m * bm) for m in range(v.grid[0]))
+    elem = v.elem("q_ptr")
+    streamed = _attn_heads(v) * (tiles * 2 * bn * bd + v.grid[0] * 2 * bm * bd) * elem
+    return Work(
+        "attention-fwd",
+        _attn_heads(v) * tiles * 2 * (2 * bm * bn * bd),
+        v.nbytes("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "o_ptr", "lse_ptr") if n_q else 0,
+        streamed,
+        _precision(v, "q_ptr", "DOT_PRECISION"),
+    )
+
+
+@describe("_bwd_preprocess_kernel", {"_bwd_preprocess_kernel": 0})
+def _attn_pre(v: View) -> Work:
+    both = v.nbytes("o_ptr", "do_ptr", "delta_ptr")
+    return Work("attention-bwd", 0, both, both, _precision(v, "o_ptr", ""))
+
+
+@describe("_prompt_attn_bwd_dkdv_kernel", {"_prompt_attn_bwd_dkdv_kernel": 0, "_bwd_kv_tiles": 4})
+def _attn_dkdv(v: View) -> Work:
+    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
+    n_q = _arg(v, "n_q")
+    trips = 0
+    for n in range(v.grid[0]):
+        lo = (n * bn // bm) * bm if v.c["CAUSAL"] else 0
+        trips += cdiv(max(0, n_q - lo), bm)
+    elem = v.elem("q_ptr")
+    streamed = _attn_heads(v) * (trips * 2 * bm * bd + v.grid[0] * 4 * bn * bd) * elem
+    return Work(
+        "attention-bwd",
+        _attn_heads(v) * trips * 4 * (2 * bm * bn * bd),
+        v.nbytes("q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
+        streamed,
+        _precision(v, "q_ptr", "DOT_PRECISION"),
+    )
+
+
+@describe("_prompt_attn_bwd_prefix_kernel", {"_prompt_attn_bwd_prefix_kernel": 0, "_bwd_kv_tiles": 4})
+def _attn_prefix(v: View) -> Work:
+    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
+    blocks, heads, _ = v.grid
+    n_batch, n_q = _arg(v, "n_batch"), _arg(v, "n_q")
+    trips = n_batch * cdiv(n_q, bm)  # every batch row of every split, all query blocks
+    elem = v.elem("q_ptr")
+    streamed = blocks * heads * (trips * 2 * bm * bd + n_batch * 2 * bn * bd) * elem + v.nbytes("dpk_ptr", "dpv_ptr")
+    return Work(
+        "attention-bwd",
+        blocks * heads * trips * 4 * (2 * bm * bn * bd),
+        v.nbytes("q_ptr", "pk_ptr", "pv_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dpk_ptr", "dpv_ptr"),
+        streamed,
+        _precision(v, "q_ptr", "DOT_PRECISION"),
+    )
+
+
+@describe("_prompt_attn_bwd_dq_kernel", {"_prompt_attn_bwd_dq_kernel": 0, "_bwd_q_tiles": 3})
+def _attn_dq(v: View) -> Work:
+    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
+    tiles = sum(_key_tiles(v, m * bm) for m in range(v.grid[0]))
+    elem = v.elem("q_ptr")
+    streamed = _attn_heads(v) * (tiles * 2 * bn * bd + v.grid[0] * 3 * bm * bd) * elem
+    return Work(
+        "attention-bwd",
+        _attn_heads(v) * tiles * 3 * (2 * bm * bn * bd),
+        v.nbytes("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dq_ptr"),
+        streamed,
+        _precision(v, "q_ptr", "DOT_PRECISION"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- KD kernels
+def _kd_teacher_bytes(v: View, full_only: bool) -> int:
+    teacher = v.c["TEACHER"]
+    if full_only and not v.c["FULL"]:
+        return 0
+    if teacher == 1:
+        return v.nbytes("t_ptr")
+    if teacher == 2:
+        return v.nbytes("tf_ptr", "tce_ptr")
+    return 0
+
+
+@describe("_kd_fwd_kernel", {"_kd_fwd_kernel": 0, "_logits_tile": 1})
+def _kd_fwd(v: View) -> Work:
+    bb, bc = v.c["BLOCK_B"], v.c["BLOCK_C"]
+    ctas, n_c = v.grid[0], cdiv(_arg(v, "C"), bc)
+    e_pad = cdiv(_arg(v, "E"), v.c["BLOCK_E"]) * v.c["BLOCK_E"] if v.c["NEED_S"] else 0
+    et_pad = cdiv(_arg(v, "ET"), v.c["BLOCK_ET"]) * v.c["BLOCK_ET"] if v.c["TEACHER"] == 2 else 0
+    elem = v.elem("sf_ptr")
+    streamed = ctas * n_c * (bb + bc) * (e_pad + et_pad) * elem
+    if v.c["TEACHER"] == 1:
+        streamed += v.nbytes("t_ptr")
+    outs = v.nbytes("lse_u_ptr", "lse_1_ptr", "lse_w_ptr", "ewd_ptr", "keys_ptr")
+    return Work(
+        "kd-fwd",
+        ctas * n_c * 2 * bb * bc * (e_pad + et_pad),
+        v.nbytes("sf_ptr", "ce_ptr") + _kd_teacher_bytes(v, full_only=False) + outs,
+        streamed + outs,
+        _precision(v, "sf_ptr", "PRECISION"),
+    )
+
+
+@describe("_kd_gather_kernel", {"_kd_gather_kernel": 0})
+def _kd_gather(v: View) -> Work:
+    rows, j = v.grid[0], _arg(v, "J")
+    gathered = rows * j * _arg(v, "E") * v.elem("ce_ptr")
+    return Work("kd-fwd", 0, v.nbytes("sf_ptr", "idx_ptr", "out_ptr") + gathered, gathered, "ieee")
+
+
+def _kd_bwd(v: View, ctas: int, trips: int, out: str) -> Work:
+    bb, bc, e_pad, et_pad = v.c["BLOCK_B"], v.c["BLOCK_C"], v.c["E_PAD"], v.c["ET_PAD"]
+    teacher_dot = et_pad if (v.c["TEACHER"] == 2 and v.c["FULL"]) else 0
+    elem = v.elem("sf_ptr")
+    streamed = ctas * trips * (bb + bc) * (e_pad + teacher_dot) * elem + v.nbytes(out)
+    return Work(
+        "kd-bwd",
+        ctas * trips * 2 * bb * bc * (2 * e_pad + teacher_dot),
+        v.nbytes("sf_ptr", "ce_ptr", "coef_ptr", out) + _kd_teacher_bytes(v, full_only=True),
+        streamed,
+        _precision(v, "sf_ptr", "PRECISION"),
+    )
+
+
+@describe("_kd_bwd_dx_kernel", {"_kd_bwd_dx_kernel": 1, "_dense_ds": 2})
+def _kd_dx(v: View) -> Work:
+    return _kd_bwd(v, v.grid[0], cdiv(_arg(v, "C"), v.c["BLOCK_C"]), "dx_ptr")
+
+
+@describe("_kd_bwd_dw_kernel", {"_kd_bwd_dw_kernel": 1, "_dense_ds": 2})
+def _kd_dw(v: View) -> Work:
+    return _kd_bwd(v, v.grid[0], cdiv(_arg(v, "B"), v.c["BLOCK_B"]), "dw_ptr")
+
+
+@describe("_kd_bwd_sparse_kernel", {"_kd_bwd_sparse_kernel": 0})
+def _kd_sparse(v: View) -> Work:
+    rows, j = v.grid[0], _arg(v, "J")
+    moved = rows * j * _arg(v, "E") * (v.elem("ce_ptr") + 4 + 4)  # gather the embeddings, atomic read+write fp32 dw
+    return Work("kd-bwd", 0, v.nbytes("sf_ptr", "idx_ptr", "coef_ptr", "dx_ptr") + moved, moved, "ieee")
+
+
+# ------------------------------------------------------------------------------------------------- useful work
+def useful_flops(op: str, p: dict) -> dict[str, float]:
+    """Unpadded matmul FLOPs of each pass the Triton kernels do for a case (FlashAttention's convention)."""
+    if op == "attention":
+        b, h, n, d = p["batch"], p["heads"], p["n_tokens"], p["head_dim"]
+        n_prefix = p.get("n_prompt", p.get("n_prefix", 0))
+        causal = "n_prefix" in p  # the text cases are causal
+        pairs = n * n_prefix + (n * (n + 1) // 2 if causal else n * n)  # (query, key) pairs visible
+        embed = h * d
+        out = {"qkv-fwd": 2 * b * n * embed * 3 * embed, "attention-fwd": 2 * 2 * b * h * pairs * d}
+        if p.get("backward"):
+            out["attention-bwd"] = 5 * 2 * b * h * pairs * d
+        return out
+    if op == "prompt_qkv":
+        b, n, embed = p["batch"], p["n_tokens"], p["heads"] * p["head_dim"]
+        return {"qkv-fwd": 2 * b * n * embed * 3 * embed}
+    if op == "kd":
+        b, c, e = p["batch"], p["classes"], p["embed"]
+        teacher = 2 * b * c * p["teacher_embed"] if p["form"] == "feats" else 0
+        return {"kd-fwd": 2 * b * c * e + teacher, "kd-bwd": 2 * (2 * b * c * e)}
+    raise ValueError(f"unknown op {op!r}")
+
+
+# --------------------------------------------------------------------------------------------------- the model
+def _static_occupancy(path: Path) -> dict[str, int]:
+    """specialisation key -> CTAs per SM from the committed sm_90 static table (when present)."""
+    if not path.exists():
+        return {}
+    return {row["key"]: row.get("ctas_per_sm") for row in json.loads(path.read_text())["launches"]}
+
+
+def model_launch(launch: dict, occupancy: dict[str, int]) -> dict:
+    name = launch["kernel"].rsplit(":", 1)[-1]
+    if name not in KERNELS:
+        raise KeyError(f"no work description for kernel {name}: add one to bench/model.py")
+    v = View(name, tuple(launch["grid"]), launch["constexprs"], launch["scalars"], launch["tensors"])
+    w = KERNELS[name](v)
+    ctas = v.grid[0] * v.grid[1] * v.grid[2]
+    occ = occupancy.get(launch["key"])
+    per_wave = H100["sms"] * (occ or 1)
+    peak = PEAK_FLOPS[w.precision]
+    t_mma = cdiv(ctas, H100["sms"]) * (w.mma_flops / max(ctas, 1)) / (peak / H100["sms"]) if ctas else 0.0
+    t_mem = w.min_bytes / H100["hbm_bytes_per_s"]
+    return {
+        "kernel": name,
+        "family": w.family,
+        "grid": list(v.grid),
+        "ctas": ctas,
+        "ctas_per_sm": occ,
+        "ctas_per_wave": per_wave,
+        "waves": round(ctas / per_wave, 3),
+        "mma_flops": w.mma_flops,
+        "min_bytes": w.min_bytes,
+        "streamed_bytes": w.streamed_bytes,
+        "precision": w.precision,
+        "bound_us": round(max(t_mma, t_mem) * 1e6, 3),
+    }
+
+
+def model_case(label: str, op: str, params: dict, launches: list[dict], occupancy: dict[str, int]) -> dict:
+    rows = [model_launch(launch, occupancy) for launch in launches]
+    useful = useful_flops(op, params)
+    families = {}
+    for fam in dict.fromkeys([r["family"] for r in rows] + list(useful)):
+        mine = [r for r in rows if r["family"] == fam]
+        executed = sum(r["mma_flops"] for r in mine)
+        families[fam] = {
+            "launches": len(mine),
+            "mma_flops_executed": executed,
+            "mma_flops_useful": useful.get(fam, 0),
+            "executed_over_useful": round(executed / useful[fam], 3) if mine and useful.get(fam) else None,
+            "min_bytes": sum(r["min_bytes"] for r in mine),
+            "streamed_bytes": sum(r["streamed_bytes"] for r in mine),
+            "streamed_over_min": round(
+                sum(r["streamed_bytes"] for r in mine) / max(1, sum(r["min_bytes"] for r in mine)), 3
+            )
+            if mine
+            else None,
+            "min_ctas": min((r["ctas"] for r in mine if r["mma_flops"]), default=None),
+            "bound_us": round(sum(r["bound_us"] for r in mine), 3),
+            "useful_bound_us": round(useful.get(fam, 0) / PEAK_FLOPS["16-bit"] * 1e6, 3),
+            "note": None if mine else "no Triton launch (torch/cuBLAS path)",
+        }
+    return {"case": label, "op": op, "params": params, "families": families, "launches": rows}
+
+
+def check_dots(root: Path = ROOT) -> list[str]:
+    """Mismatches between ``DOTS`` and the ``tl.dot`` calls in the kernel sources (empty: consistent)."""
+    problems = []
+    graphs = {}
+    for path in SOURCES.values():
+        tree = ast.parse((root / path).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+                dots = sum(isinstance(c.func, ast.Attribute) and c.func.attr == "dot" for c in calls)
+                callees = {c.func.id for c in calls if isinstance(c.func, ast.Name)}
+                graphs[node.name] = (dots, callees)
+    for kernel, declared in DOTS.items():
+        if kernel not in graphs:
+            problems.append(f"{kernel}: described in bench/model.py but not found in {list(SOURCES.values())}")
+            continue
+        reached, todo = {}, [kernel]
+        while todo:
+            name = todo.pop()
+            if name in reached or name not in graphs:
+                continue
+            reached[name] = graphs[name][0]
+            todo += sorted(graphs[name][1])
+        reached = {k: n for k, n in reached.items() if n}
+        if reached != {k: n for k, n in declared.items() if n}:
+            problems.append(f"{kernel}: source has tl.dot counts {reached}, bench/model.py declares {declared}")
+    launched = {n for n in graphs if n.endswith("_kernel")}
+    problems += [f"{k}: a kernel with no description in bench/model.py" for k in sorted(launched - set(DOTS))]
+    return problems
+
+
+def run(only: str | None = None, static_table: Path | None = None) -> dict[str, dict]:
+    """Capture the gate's cases and model them; ``{op: document}``."""
+    from rpp_kernels.tools import gate_cases, static_gate
+
+    occupancy = _static_occupancy(static_table or ROOT / "bench/results/static/sm_90.json")
+    docs: dict[str, dict] = {}
+    for case in gate_cases.cases():
+        if case.group != "core" or (only and only not in case.label):
+            continue
+        launches, why = static_gate.capture_case(case)
+        doc = docs.setdefault(
+            case.op,
+            {"label": LABEL, "assumptions": {"h100": H100, "peak_flops": PEAK_FLOPS}, "cases": [], "skipped": {}},
+        )
+        if why:
+            doc["skipped"][case.label] = why
+            continue
+        seen, unique = set(), []
+        for launch in launches:  # a kernel launched identically per layer is one row
+            from dataclasses import asdict
+
+            d = asdict(launch)
+            ident = (d["key"], tuple(d["grid"]), json.dumps(d["scalars"], sort_keys=True))
+            if ident not in seen:
+                seen.add(ident)
+                unique.append(d)
+        doc["cases"].append(model_case(case.label, case.op, case.params, unique, occupancy))
+    return docs
+
+
+def summary(docs: dict[str, dict]) -> str:
+    lines = [
+        f"{LABEL}",
+        f"{'case':<44} {'pass':<14} {'exec/useful':>11} {'stream/min':>10} {'min CTAs':>8} {'bound us':>9}",
+    ]
+    for doc in docs.values():
+        for case in doc["cases"]:
+            for fam, f in case["families"].items():
+                ratio = "-" if f["executed_over_useful"] is None else f"{f['executed_over_useful']:.2f}"
+                stream = "-" if f["streamed_over_min"] is None else f"{f['streamed_over_min']:.2f}"
+                head = f"{case['case'][:44]:<44} {fam:<14}"
+                lines.append(f"{head} {ratio:>11} {stream:>10} {f['min_ctas']!s:>8} {f['bound_us']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="write <op>.json model tables into this directory")
+    parser.add_argument("--only", default=None, help="only cases whose label contains this text")
+    parser.add_argument("--static", default=None, help="sm_90 static table for occupancy")
+    args = parser.parse_args(argv)
+    problems = check_dots()
+    if problems:
+        print("work descriptions out of date:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    docs = run(args.only, Path(args.static) if args.static else None)
+    print(summary(docs))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for op, doc in docs.items():
+            (Path(args.out) / f"{op}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if importlib.util.find_spec("rpp_kernels") is None:
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main())
