@@ -246,6 +246,9 @@ def _check_visual(visual: nn.Module) -> bool:
     """Validate the tower; returns True for OpenAI's VisionTransformer, False for open_clip's."""
     from open_clip.transformer import VisionTransformer
 
+    for i, block in enumerate(getattr(getattr(visual, "transformer", None), "resblocks", ())):
+        if "_rpp_blocks_patched" in block.__dict__:
+            raise ValueError(f"apply_vision_prompts: block {i} is patched by patch_blocks; unpatch_blocks first")
     if isinstance(visual, VisionTransformer):
         if not visual.transformer.batch_first:
             raise ValueError("apply_vision_prompts: only batch_first transformers are supported (open_clip >= 2.24)")

@@ -362,3 +362,39 @@ def test_vision_prompts_on_fp16_model(model):
             ref = maple_encode_image(m16.visual, images, prompts.tokens[0], [prompts.tokens[1]])
     assert out.dtype == torch.float16
     rel_close(out, ref, "fp16 vision features", tol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ patch_blocks
+def test_patch_blocks_take_prompts_both_families(model):
+    from open_clip.transformer import VisionTransformer
+
+    from rpp_kernels.integrations.openai_clip import patch_blocks, unpatch_blocks
+
+    torch.manual_seed(6)
+    oc = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=2.0, output_dim=32)
+    for tower, openai in ((copy.deepcopy(model.visual), True), (copy.deepcopy(model), True), (oc, False)):
+        keys = set(tower.state_dict())
+        blk = tower.transformer.resblocks[0]
+        mha = blk.attn
+        n_blocks = patch_blocks(tower)
+        assert n_blocks == sum(len(m.resblocks) for m in tower.modules() if hasattr(m, "resblocks"))
+        assert set(tower.state_dict()) == keys
+        assert blk.attn.in_proj_weight is mha.in_proj_weight and blk.attn.out_proj is mha.out_proj
+        text = hasattr(tower, "token_embedding")
+        x = torch.randn(77 if text else 5, 2, 64) if openai else torch.randn(2, 5, 64)
+        rows = torch.randn(3, 64, requires_grad=True)
+        seq = 0 if openai else 1
+        batch = x.shape[1 - seq]
+        full = torch.cat([rows[:, None].expand(-1, batch, -1) if openai else rows.expand(batch, -1, -1), x], seq)
+        if text:  # the causal 77-token mask: prompts first, so the concatenation drops the last 3 tokens
+            x = x[:74]
+            full = full[:77]
+        unpatched = copy.deepcopy(blk)
+        unpatch_blocks(unpatched)
+        ref = unpatched(full)
+        out = blk(x, prompt_q=rows, return_prompt_outputs=True)
+        rel_close(out, ref, "all rows")
+        rel_close(blk(x, prompt_q=rows), ref.narrow(seq, 3, ref.shape[seq] - 3), "token rows")
+        rel_close(torch.autograd.grad(out.sum(), rows)[0], torch.autograd.grad(ref.sum(), rows)[0], "rows grad")
+        rel_close(blk(x), unpatched(x), "no prompts: the original block")
+        assert unpatch_blocks(tower) == n_blocks and tower.transformer.resblocks[0].attn is mha
