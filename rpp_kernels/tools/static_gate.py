@@ -142,7 +142,12 @@ class _SkipMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket.__name__ in _SKIPPED_OPS and "out" not in kwargs:
+        if func.overloadpacket.__name__ in _SKIPPED_OPS:
+            if "out" in kwargs:  # out= variants: the output keeps its (uninitialised) memory, resized as the op would
+                out = kwargs["out"]
+                rest = {k: v for k, v in kwargs.items() if k != "out"}
+                meta = func.overloadpacket.default(*_to_meta(args), **_to_meta(rest))
+                return out.resize_(meta.shape) if out.shape != meta.shape else out
             meta = func(*_to_meta(args), **_to_meta(kwargs))
             return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
         return func(*args, **kwargs)
