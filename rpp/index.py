@@ -286,6 +286,8 @@ def scan_tree(root: str | os.PathLike, layout: str = "imagefolder", *, progress:
     for label, c in enumerate(bar):
         mtimes.append(os.stat(base / c).st_mtime_ns)
         entries = _scan_folder(str(base / c), f"{c}/")
+        if not entries:  # it would still be a class (a label no image has, a text feature in every softmax)
+            raise UserError(f"class folder {base / c} holds no images: remove it or add its images")
         stats = array("q")
         for rel, size, mtime in entries:
             encoded = os.fsencode(rel)
@@ -335,8 +337,9 @@ def _last_before(positions: np.ndarray, ends: np.ndarray) -> np.ndarray:
 def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageIndex:
     """An index from a file list: `relative/path<TAB>label` per line (see the module docstring), in file order.
 
-    Blank lines are skipped; '\\r\\n' line ends and trailing spaces are accepted. A line without a separator or
-    label, an absolute path, or labels that are neither all integers nor all names is a UserError naming the line.
+    Blank lines are skipped; CRLF line ends and surrounding blanks are accepted. Labels that are all integers are
+    class ids; otherwise each distinct label is a class name. A line without a separator, path or label, or with an
+    absolute path, is a UserError naming the line.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -366,7 +369,6 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     _check(path, buf, starts, line_numbers, buf[starts] == ord("/"), "absolute path (paths are relative to the root)")
     starts, path_ends = _strip(buf, blank, starts, sep)
     label_starts, ends = _strip(buf, blank, sep + 1, ends)
-    _check(path, buf, starts, line_numbers, path_ends <= starts, "no path before the label")
     lengths = ends - label_starts
     _check(path, buf, starts, line_numbers, lengths > MAX_LABEL_BYTES, f"label longer than {MAX_LABEL_BYTES} bytes")
 
