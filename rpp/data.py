@@ -571,6 +571,8 @@ def resolve(
 ) -> DataSpec:
     """Find the images and class names; UserError for anything missing. Folder trees and file lists become a compact
     `rpp.index.ImageIndex`, saved in and reused from `index_cache` when given (rank 0 builds, other ranks map it)."""
+    if data is not None and not data.strip():  # "" would be the current directory, every subfolder a class
+        raise UserError("invalid value '' for --data: expected a dataset path (omit --data for the built-in data)")
     fmt = data_format or infer_format(data)
     if fmt != "builtin" and data is None:
         raise UserError(f"--data-format {fmt} needs --data PATH")

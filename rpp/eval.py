@@ -119,13 +119,21 @@ def run(argv: list[str] | None = None) -> int:
     (cfg,) = parse([EvalConfig], argv, prog="python -m rpp.eval", description=__doc__.split("\n\n")[0])
     if cfg.checkpoint is None:
         raise UserError("--checkpoint is required (the prompts.pt a training run wrote)")
-    if cfg.batch_size <= 0 or cfg.num_workers < 0:
-        raise UserError("--batch-size must be positive and --num-workers >= 0")
+    if cfg.batch_size <= 0:
+        raise UserError(f"invalid value {cfg.batch_size} for --batch-size: must be positive")
+    if cfg.num_workers < 0:
+        raise UserError(f"invalid value {cfg.num_workers} for --num-workers: must be >= 0")
+    if cfg.data is not None and not cfg.data.strip():
+        raise UserError("invalid value '' for --data: expected an image folder (omit --data for the built-in data)")
+    checkpoint.trust_torchscript(cfg.trust_torchscript)
     if cfg.output is not None and Path(cfg.output).is_dir():
         raise UserError(f"--output {cfg.output} is a directory: expected a JSON file path")
     if cfg.output is not None and not Path(cfg.output).parent.is_dir():
         raise UserError(f"--output {cfg.output}: directory {Path(cfg.output).parent} not found")
-    path, ckpt = checkpoint.resolve_prompts(cfg.checkpoint)
+    try:
+        path, ckpt = checkpoint.resolve_prompts(cfg.checkpoint)
+    except UserError as e:
+        raise UserError(f"--checkpoint: {e}") from None
     known = {f.name for f in dataclasses.fields(MethodConfig)}
     mcfg = MethodConfig(**{k: v for k, v in ckpt["method_config"].items() if k in known})
     mcfg.teacher = None  # evaluation needs no teacher
@@ -136,7 +144,6 @@ def run(argv: list[str] | None = None) -> int:
         mcfg.validate()
     except (UserError, TypeError) as e:
         raise UserError(f"{path}: its method_config is invalid: {e}") from None
-    checkpoint.trust_torchscript(cfg.trust_torchscript)
     register_tiny_models()
     info = distributed.init()
     if cfg.suite is not None:

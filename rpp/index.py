@@ -288,6 +288,8 @@ def scan_tree(root: str | os.PathLike, layout: str = "imagefolder", *, progress:
         entries = _scan_folder(str(base / c), f"{c}/")
         if not entries:  # it would still be a class (a label no image has, a text feature in every softmax)
             raise UserError(f"class folder {base / c} holds no images: remove it or add its images")
+        if not entries:  # it would still be a class (a label no image has, a text feature in every softmax)
+            raise UserError(f"class folder {base / c} holds no images: remove it or add its images")
         stats = array("q")
         for rel, size, mtime in entries:
             encoded = os.fsencode(rel)
