@@ -38,7 +38,7 @@ from rpp.config import TrainConfig, parse, validate
 from rpp.errors import UserError
 from rpp.eval import evaluate, format_results
 from rpp.metrics_log import MetricsLog, peak_memory_mb
-from rpp.teacher_cache import TeacherCache
+from rpp.teacher_cache import TeacherCache, training_views
 
 EXIT_NON_FINITE = 3
 EXIT_STALLED = 4
@@ -321,7 +321,9 @@ def train(argv: list[str] | None = None) -> int:
     cache = None
     if tcfg.teacher_cache is not None:
         with startup_phase("teacher cache check", log, timings):
-            cache = TeacherCache.open(tcfg.teacher_cache, spec, temperature=mcfg.temperature)
+            views = training_views(tcfg.seed, tcfg.views, tcfg.shots, tcfg.shots_seed, mcfg)
+            cache = TeacherCache.open(tcfg.teacher_cache, spec, temperature=mcfg.temperature, training=views)
+        log(f"rpp.train: {cache.describe()}")
 
     seed_everything(tcfg.seed)  # identical prompt initialisation on every rank
     with startup_phase("models and teacher class embeddings", log, timings):
@@ -453,7 +455,8 @@ def _loop(tcfg, method, model, loader, cache, optimizer, scheduler, scaler, gene
             labels = labels.repeat_interleave(n_views).to(info.device, non_blocking=True)
             topk = None
             if cache is not None:
-                topk = tuple(t.repeat_interleave(n_views, 0).to(info.device) for t in cache.lookup(indices))
+                epoch = step // batches_per_epoch if batches_per_epoch else None  # augmented caches: per epoch
+                topk = tuple(t.to(info.device) for t in cache.lookup(indices, epoch, n_views))
             try:
                 losses = model(images, labels, generator, topk)
                 loss = losses["loss"]

@@ -164,9 +164,9 @@ def test_torchrun_build_and_training_from_a_webdataset_cache(tmp_path, monkeypat
     looked_up = []
     lookup = teacher_cache.TeacherCache.lookup
 
-    def spy(self, ids):
+    def spy(self, ids, *epoch_and_views):
         looked_up.append(ids)
-        return lookup(self, ids)
+        return lookup(self, ids, *epoch_and_views)
 
     monkeypatch.setattr(teacher_cache.TeacherCache, "lookup", spy)
     with warnings.catch_warnings():
