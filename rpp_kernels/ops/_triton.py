@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s ``input_precision``: fp32 inputs get exact fp32 products (TF32 tensor cores keep a 10-bit mantissa
-    and would miss the fp32 tolerance); fp16/bf16 use tensor cores with fp32 accumulation."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, fp32: str = "ieee") -> str:
+    """``tl.dot``'s ``input_precision``: fp16/bf16 use tensor cores with fp32 accumulation; fp32 inputs get ``fp32``.
+
+    ``"ieee"`` (the default) gives exact fp32 products on FMA units; ``"tf32x3"`` splits each operand into TF32 high
+    and low halves and sums three tensor-core products, which keeps fp32-level error (the dropped low x low term is
+    ~2^-22 relative) at tensor-core speed. Plain ``"tf32"`` keeps a 10-bit mantissa and would miss the fp32
+    tolerance, so it is never chosen for fp32.
+    """
+    if fp32 not in ("ieee", "tf32x3"):
+        raise ValueError(f"dot_precision: fp32 must be 'ieee' or 'tf32x3', got {fp32!r}")
+    return fp32 if dtype == torch.float32 else "tf32"
 
 
 # SMs a launcher sizes its grid for when the tensors are on the CPU (interpreter tests). The static gate

@@ -196,6 +196,168 @@ def test_double_backward_through_the_kernels_raises():
         torch.autograd.grad(out.square().sum(), q, create_graph=True)
 
 
+@needs_triton
+def test_masked_lanes_never_reach_results(monkeypatch):
+    """Every masked load passes ``other=``: a GPU leaves masked lanes undefined, so fill them with NaN here.
+
+    Head dim 80 (padded to 128), ragged N, P and a packed q/k/v layout put masked lanes into every tile of every kernel.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def nan_filled(self, ptrs, mask, other, *args):
+        if other is None and not mask.data.all():
+            dtype = ptrs.get_element_ty()
+            other = interpreter.TensorHandle(
+                np.full_like(ptrs.data, np.nan, dtype=interpreter._get_np_dtype(dtype)), dtype
+            )
+        return original(self, ptrs, mask, other, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", nan_filled)
+    check_parity(2, 2, 19, 5, 80, True, torch.float32, "hpd")
+
+
+class LaunchLog:
+    """Stands in for a Triton kernel: records ``kernel[grid](*args, **kwargs)`` instead of running it."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, tuple(grid), kwargs))
+
+
+def logged_launches(monkeypatch, dtype, batch, heads, n, n_prefix, head_dim, per_sample_prefix=False, causal=False):
+    """Run the forward and backward launchers on uninitialised CPU tensors with every kernel launch recorded."""
+    from rpp_kernels.ops.attention import triton as kernels
+
+    calls = []
+    for name in ("_prompt_attn_fwd_kernel", "_bwd_preprocess_kernel", "_prompt_attn_bwd_kernel"):
+        monkeypatch.setattr(kernels, name, LaunchLog(name, calls))
+    q, k, v = (torch.empty(batch, heads, n, head_dim, dtype=dtype) for _ in range(3))
+    prefix_shape = (batch, heads, n_prefix, head_dim) if per_sample_prefix else (heads, n_prefix, head_dim)
+    pk, pv = torch.empty(prefix_shape, dtype=dtype), torch.empty(prefix_shape, dtype=dtype)
+    o, lse = kernels.prompt_attention_fwd(q, k, v, pk, pv, causal, None)
+    kernels.prompt_attention_bwd(torch.empty_like(o), q, k, v, pk, pv, o, lse, causal, None)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("per_sample_prefix", [False, True])
+def test_grids_stay_within_cuda_limits(monkeypatch, per_sample_prefix):
+    """batch * heads = 70,000 (21K-class text suffixes, B >= 4096 vision eval) must not reach a 65,535-limited axis."""
+    calls = logged_launches(monkeypatch, torch.float16, 35000, 2, 8, 3, 32, per_sample_prefix, causal=True)
+    assert {c[0] for c in calls} == {"_prompt_attn_fwd_kernel", "_bwd_preprocess_kernel", "_prompt_attn_bwd_kernel"}
+    for name, grid, _ in calls:
+        assert len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(g <= 65535 for g in grid[1:]), (name, grid)
+        assert all(g >= 1 for g in grid), (name, grid)
+
+
+@needs_triton
+@pytest.mark.parametrize(("dtype", "precision"), [(torch.float32, "tf32x3"), (torch.bfloat16, "tf32")])
+def test_fp32_runs_on_tensor_cores(monkeypatch, dtype, precision):
+    """fp32 dots use tf32x3 (tensor cores, fp32-level error), never "ieee" (FMA only, spills at D >= 80)."""
+    calls = logged_launches(monkeypatch, dtype, 2, 12, 197, 16, 128)
+    precisions = {c[2]["DOT_PRECISION"] for c in calls if "DOT_PRECISION" in c[2]}
+    assert precisions == {precision}
+
+
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to TF32 (10-bit mantissa, round to nearest even), as the tensor cores read their operands."""
+    bits = x.view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def tf32x3_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Triton's tf32x3: a @ b ~ a_hi @ b_hi + a_hi @ b_lo + a_lo @ b_hi, each product exact, fp32 accumulation."""
+    a_hi, b_hi = tf32_round(a), tf32_round(b)
+    a_lo, b_lo = tf32_round(a - a_hi), tf32_round(b - b_hi)
+    return (a_hi @ b_lo + a_lo @ b_hi) + a_hi @ b_hi
+
+
+def test_tf32x3_attention_meets_the_fp32_tolerance():
+    """The precision choice: attention with tf32x3 products stays within 2x of fp32 SDPA's error vs fp64 (FA's rule),
+    at the widest head dim and a ViT-L/14 sequence; plain TF32 does not."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 257 + 16 * (i > 0), 128, generator=gen) for i in range(3))
+
+    def attention(matmul):
+        p = torch.softmax(matmul(q, k.transpose(-1, -2)) * 128**-0.5, -1)
+        return matmul(p, v)
+
+    gold = attention(lambda a, b: a.double() @ b.double())
+    base = (attention(torch.matmul).double() - gold).abs().max()
+    assert (attention(tf32x3_matmul).double() - gold).abs().max() <= 2 * base
+    tf32 = attention(lambda a, b: tf32_round(a) @ tf32_round(b))
+    assert (tf32.double() - gold).abs().max() > 2 * base
+
+
+@needs_triton
+def test_alignment_hint_divides_every_stride():
+    from rpp_kernels.ops.attention.triton import _align
+
+    packed = torch.empty(2, 9, 3, 16, 72, dtype=torch.float16)  # ViT-g-ish head dim 72: row stride 3456, head 72
+    q = packed[:, :, 0].transpose(1, 2)
+    assert _align(q) == 8
+    assert _align(torch.empty(2, 4, 9, 64)) == 16
+    assert _align(torch.empty(3, 5, 7, 33)[..., :32]) == 1
+    prefix = torch.empty(16, 5, 88).unsqueeze(0).expand(4, -1, -1, -1)  # batch stride 0 (shared prefix)
+    assert _align(prefix) == 8
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", [72, 104])
+def test_head_dims_not_multiple_of_16(head_dim):
+    check_parity(2, 2, 21, 3, head_dim, False, torch.float16, "hpd")
+
+
+@needs_triton
+def test_token_major_output_and_packed_gradients():
+    """With q, k, v from prompt_qkv the output's [B, N, H*D] view is free and dq, dk, dv come back as one packed
+    buffer, which prompt_qkv's backward uses without a copy; x's gradient matches the torch path."""
+    from rpp_kernels.attention import prompt_qkv
+    from rpp_kernels.ops.attention import packed_slots
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 64, generator=gen, requires_grad=True)
+    weight, bias = torch.randn(192, 64, generator=gen) / 8, torch.randn(192, generator=gen)
+    prompt = torch.randn(3, 64, generator=gen)
+    grads = {}
+
+    def forward(backend):
+        (q, k, v), (_, pk, pv) = prompt_qkv(x, weight, bias, 2, prompt)
+        if backend == "triton":
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                t.register_hook(lambda g, name=name: grads.__setitem__(name, g))
+        o = prompt_attention(q, k, v, pk, pv, backend=backend)
+        return o, o.transpose(1, 2).reshape(2, 9, 64)
+
+    o, flat = forward("triton")
+    assert flat.data_ptr() == o.data_ptr() and flat._base is not None  # a view, not a copy
+    (dx,) = torch.autograd.grad(flat.square().sum(), x)
+    assert packed_slots(grads["q"], grads["k"], grads["v"])
+    (dx_ref,) = torch.autograd.grad(forward("torch")[1].square().sum(), x)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tiles_minimise_padding_and_meet_the_work_target():
+    """Issue 11 target: attention fwd+bwd at ViT-B/16 (N=197), P=16, bf16 executes <= 1.3x the useful MMA FLOPs."""
+    pytest.importorskip("triton")
+    from rpp_kernels.ops.attention.triton import attention_tiles, mma_flops
+
+    tiles = attention_tiles(197, 197, 16, 64, torch.bfloat16)
+    assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_P"]) == (32, 32, 16)
+    executed, useful = mma_flops(128, 12, 197, 197, 16, 64, False, tiles)
+    assert useful == 2 * 128 * 12 * 64 * 7 * 197 * 213
+    assert executed / useful <= 1.3
+    for n, block in ((257, 32), (577, 32), (1024, 128), (8, 16)):
+        assert attention_tiles(n, n, 0, 64, torch.bfloat16)["BLOCK_M"] == block
+    assert attention_tiles(8, 8, 17, 64, torch.bfloat16)["BLOCK_P"] == 32
+
+
 def _errors(**overrides):
     args = dict(
         q=torch.randn(2, 4, 8, 32),

@@ -140,46 +140,64 @@ def prompt_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, sof
     return prompt_attention_torch(q, k, v, prefix_k, prefix_v, causal, softmax_scale)
 
 
-QKV_BACKENDS = _dispatch.register(
-    "prompt_qkv",
-    [
-        _dispatch.triton_backend(check=_triton_check),
-        _dispatch.torch_backend(),
-    ],
-)
+# One implementation: cuBLAS for the GEMM and zero-copy head-split views of its output, so it is never slower than
+# F.linear + view (a Triton GEMM writing head-split tiles re-read x once per head and lost to cuBLAS by design).
+QKV_BACKENDS = _dispatch.register("prompt_qkv", [_dispatch.torch_backend()])
+
+
+def packed_slots(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v (``[B, H, N, D]``) are the three head-split slots of one ``[B, N, 3, H, D]`` buffer."""
+    if not (q.shape == k.shape == v.shape) or q.dim() != 4:
+        return False
+    batch, heads, n, dim = q.shape
+    embed = heads * dim
+    return (
+        q.stride() == k.stride() == v.stride() == (n * 3 * embed, dim, 3 * embed, 1)
+        and q.dtype == k.dtype == v.dtype
+        and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        and k.storage_offset() - q.storage_offset() == embed == v.storage_offset() - k.storage_offset()
+    )
 
 
 class PromptQKVFn(torch.autograd.Function):
-    """Triton forward (head-split store); the backward is three cuBLAS GEMMs on the re-packed ``[B*N, 3E]`` gradient.
+    """``F.linear`` then head-split views ``[B, H, N, D]`` of its ``[B, N, 3, H, D]`` output (no copy).
 
-    Only x and the weight are saved (both exist anyway); a frozen weight gets no gradient computed.
+    Backward: the ``[B * N, 3E]`` output gradient is used in place when dq, dk, dv are the slots of one packed buffer
+    (what the triton attention backward writes for packed q, k, v), otherwise each is copied once into its slot (no
+    stack + permute + contiguous). Only x and the weight are saved (both exist anyway); a frozen weight gets no
+    gradient computed.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_heads):
-        from rpp_kernels.ops.attention import triton as kernels
-
-        out = kernels.qkv_fwd(x, weight, bias, num_heads)
+        batch, n_tokens, embed = x.shape
+        y = torch.nn.functional.linear(x, weight, bias)
+        qkv = y.view(batch, n_tokens, 3, num_heads, embed // num_heads).permute(2, 0, 3, 1, 4)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.num_heads = bias is not None, num_heads
-        return out[0], out[1], out[2]
+        return qkv[0], qkv[1], qkv[2]
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, weight = ctx.saved_tensors
         batch, n_tokens, embed = x.shape
-        heads = ctx.num_heads
-        # Outputs unused downstream come back as None; their slice of the packed gradient is zero.
-        parts = [x.new_zeros(batch, heads, n_tokens, embed // heads) if g is None else g for g in (dq, dk, dv)]
-        # [3, B, H, N, D] -> [B, N, 3, H, D]: the [B*N, 3E] gradient of F.linear(x, weight, bias).
-        dqkv = torch.stack(parts, 2).permute(0, 3, 2, 1, 4).reshape(batch * n_tokens, 3 * embed)
+        rows = batch * n_tokens
+        if dq is not None and dk is not None and dv is not None and packed_slots(dq, dk, dv):
+            dy = dq.as_strided((rows, 3 * embed), (3 * embed, 1), dq.storage_offset())
+        else:
+            packed = x.new_empty(batch, n_tokens, 3, ctx.num_heads, embed // ctx.num_heads)
+            for i, g in enumerate((dq, dk, dv)):
+                # Outputs unused downstream come back as None; their slice of the packed gradient is zero.
+                slot = packed[:, :, i]
+                slot.zero_() if g is None else slot.copy_(g.transpose(1, 2))
+            dy = packed.view(rows, 3 * embed)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (dqkv @ weight).view(batch, n_tokens, embed)
+            dx = (dy @ weight).view(batch, n_tokens, embed)
         if ctx.needs_input_grad[1]:
-            dw = dqkv.t() @ x.reshape(batch * n_tokens, embed)
+            dw = dy.t() @ x.reshape(rows, embed)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dqkv.sum(0)
+            db = dy.sum(0)
         return dx, dw, db, None
 
 
@@ -238,13 +256,8 @@ def prompt_qkv(
         prompts = tuple(None if p is None else p.to(dtype) for p in prompts)
     check_qkv_inputs(x, in_proj_weight, in_proj_bias, num_heads, prompts)
     embed = x.shape[-1]
-    name = _dispatch.select("prompt_qkv", device=x.device, dtype=x.dtype, backend=backend, head_dim=embed // num_heads)
-    if name == "triton":
-        qkv = PromptQKVFn.apply(x, in_proj_weight, in_proj_bias, num_heads)
-    else:
-        batch, n_tokens, _ = x.shape
-        y = torch.nn.functional.linear(x, in_proj_weight, in_proj_bias)
-        qkv = tuple(y.view(batch, n_tokens, 3, num_heads, embed // num_heads).permute(2, 0, 3, 1, 4).unbind(0))
+    _dispatch.select("prompt_qkv", device=x.device, dtype=x.dtype, backend=backend, head_dim=embed // num_heads)
+    qkv = PromptQKVFn.apply(x, in_proj_weight, in_proj_bias, num_heads)
     if prompt_q is None:
         return qkv, None
     # Batch-invariant rows: projected once per call ([P, E] GEMMs, too small to be worth a kernel), not per sample.

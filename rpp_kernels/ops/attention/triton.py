@@ -2,15 +2,30 @@
 
 The prefix K/V (``[H, P, D]``, ``[1, H, P, D]`` or ``[B, H, P, D]``) is read through its own pointer with a batch
 stride of 0 when it is broadcast, so it is never expanded or concatenated in memory. Each query block walks the prefix
-tiles, then the token tiles, with one online softmax across both. Logits are kept in base 2 (``exp2``) with
-``log2(e)`` folded into the scale; the saved log-sum-exp is in the same base-2 units.
+tiles (sized from P), then the token tiles (sized from the key length), with one online softmax across both. Logits
+are kept in base 2 (``exp2``) with ``log2(e)`` folded into the scale; the saved log-sum-exp is in the same units.
 
-Backward (FlashAttention-2 split): ``delta = rowsum(dO * O)``; one kernel per key block of the tokens (dK, dV);
-one per query block (dQ, over prefix and token keys); and one for the prefix keys (dprefix_K, dprefix_V). The
-prefix kernel gives each program a slice of the batch and writes an fp32 partial ``[S, H, P, D]`` with ``S`` small
-(about two programs per SM), summed over ``S`` afterwards. We chose this over atomics into fp32 accumulators because
-it is deterministic (bitwise reproducible gradients for the prompts, which is what gets trained) and it never holds a
-``[B, H, P, D]`` gradient; with ``S`` programs per (prefix block, head) the GPU stays full even though H * P is small.
+Tiles (:func:`attention_tiles`) minimise padding: the query block is the largest of 128/64/32 rows whose padded row
+count is within 3% of the smallest (N = 197 -> 32, 224 rows, not 256), the key block likewise from 64/32, the prefix
+block from 64/32/16. Executed/useful MMA FLOPs follow from them (:func:`mma_flops`).
+
+Layout: q/k/v/prefix are read through their strides (any layout with a unit head-dim stride, e.g. head-split views
+of one packed ``[B, N, 3, H, D]`` projection); o and the gradients are written token-major (``[B, N, H, D]`` memory,
+returned as ``[B, H, N, D]`` views), so ``o.transpose(1, 2).reshape(B, N, H * D)`` is free. When q, k, v are the
+three slots of one packed projection the gradients are written into one packed ``[B, N, 3, H, D]`` buffer, which the
+projection's backward consumes as its ``[B * N, 3E]`` output gradient without a copy.
+
+Backward (FlashAttention-2, 5 matmuls per tile pair): ``delta = rowsum(dO * O)``; then one kernel in which each
+program owns one head and a slice of the batch and, per sample, walks the key blocks (prefix blocks, then token
+blocks). For each key block it holds K, V and the dK, dV accumulators and streams the query blocks: S, dP, dV, dK and
+dQ, with dQ accumulated in an fp32 scratch row block that only this program touches (read-modify-write ordered by a
+CTA barrier, no atomics, bitwise deterministic). The prefix gradient is summed where P and dS exist: a batch-shared
+prefix accumulates into an fp32 ``[S, H, P, D]`` partial per (split, head), summed over ``S`` afterwards; a
+per-sample prefix is written directly. Grids are 1-D (``grid[0]`` up to 2**31 - 1), so no input the dispatcher
+accepts exceeds CUDA's 65,535 limit on the other axes.
+
+fp32 inputs use ``tf32x3`` (three TF32 tensor-core products per dot, error on par with fp32 FMA): same precision
+trick as SDPA's fp32 memory-efficient kernel on sm_80+, while keeping the fused prefix (no concatenation).
 
 Importing this module imports triton; the package imports it lazily, only when the triton backend runs.
 """
@@ -24,33 +39,88 @@ import triton
 import triton.language as tl
 
 from rpp_kernels.ops._triton import dot_precision
+from rpp_kernels.ops.attention import packed_slots
 
 LOG2E = 1.4426950408889634
-# Row blocks for short sequences shrink to the next power of two (>= 16, the smallest tl.dot tile) so the text shape
-# (N = 16) does not compute 128-row tiles of padding; every value here is compiled ahead of time by the tests.
-ROW_BLOCKS = (16, 32, 64, 128)
+MAX_GRID_X = 2**31 - 1
+QUERY_BLOCKS = (128, 64, 32)
+KEY_BLOCKS = (64, 32)
+PREFIX_BLOCKS = (64, 32, 16)
+PAD_SLACK = 1.03  # a larger block may pad up to 3% more rows than the tightest one
 
 
-def _row_block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+def pick_block(n: int, candidates: tuple[int, ...]) -> int:
+    """Largest block whose padded length ``cdiv(n, b) * b`` is within ``PAD_SLACK`` of the smallest; 16 for n <= 16."""
+    if n <= 16:
+        return 16
+    padded = {b: triton.cdiv(n, b) * b for b in candidates}
+    best = min(padded.values())
+    return max(b for b, p in padded.items() if p <= best * PAD_SLACK)
 
 
-def fwd_config(dtype: torch.dtype, block_d: int) -> dict:
-    """Largest tiles and launch options of the forward kernel (smaller row blocks are used for short inputs)."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    if block_d <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+def attention_tiles(n_q: int, n_k: int, n_prefix: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles and launch options of the forward and backward kernels for one problem (see the module docstring).
+
+    Register budgets (checked by the specialised sm_80/sm_90 compiles in tests/ops/test_attention.py): tf32x3 keeps hi
+    and lo halves of fp32 operands and head dims above 64 pad to 128, so those cases cap the key blocks (the backward
+    holds K, V, dK, dV of one key block) and use more warps; the backward streams at most 64 query rows.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fp32, wide = dtype == torch.float32, block_d > 64
+    queries = (32,) if fp32 else (64, 32) if wide else QUERY_BLOCKS
+    keys = (16,) if fp32 and wide else (32,) if fp32 or wide else KEY_BLOCKS
+    block_m = pick_block(n_q, queries)
+    block_n = pick_block(n_k, keys)
+    block_p = pick_block(n_prefix, tuple(b for b in PREFIX_BLOCKS if b <= keys[0]))
+    block_m_bwd = min(block_m, 64)
+    if fp32:
+        fwd = {"num_warps": 8 if wide else 4, "num_stages": 2}
+        bwd = {"num_warps": 8, "num_stages": 1 if wide else 2}
+    else:
+        fwd = {"num_warps": 2 if block_m <= 32 else 4 if block_m == 64 else 8, "num_stages": 2 if wide else 3}
+        big = wide or block_m_bwd * max(block_n, block_p) >= 4096
+        bwd = {"num_warps": 8 if big else 4, "num_stages": 2}
+    return {
+        "BLOCK_D": block_d,
+        "BLOCK_M": block_m,
+        "BLOCK_M_BWD": block_m_bwd,
+        "BLOCK_N": block_n,
+        "BLOCK_P": block_p,
+        "fwd": fwd,
+        "bwd": bwd,
+    }
 
 
-def bwd_config(dtype: torch.dtype, block_d: int) -> dict:
-    """Tiles of the backward kernels: the key block (``BLOCK_N``) is held, the query block (``BLOCK_M``) streamed."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if block_d <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+def mma_flops(batch: int, heads: int, n_q: int, n_k: int, n_prefix: int, head_dim: int, causal: bool, tiles: dict):
+    """(executed, useful) MMA FLOPs of forward (2 matmuls) + backward (5 matmuls) with these tiles.
+
+    Executed counts every tile pair the kernels visit at the padded sizes (causal: token tiles up to the diagonal);
+    useful counts ``query x visible key`` pairs at the true head dim.
+    """
+    bn, bp, bd = tiles["BLOCK_N"], tiles["BLOCK_P"], tiles["BLOCK_D"]
+    padded_prefix = triton.cdiv(n_prefix, bp) * bp
+    executed = 0
+    for bm, matmuls in ((tiles["BLOCK_M"], 2), (tiles["BLOCK_M_BWD"], 5)):
+        m_blocks = triton.cdiv(n_q, bm)
+        if causal and matmuls == 2:  # query block i stops at the diagonal
+            token = sum(triton.cdiv(min(n_k, (i + 1) * bm), bn) * bn * bm for i in range(m_blocks))
+        elif causal:  # key block j starts at the query block holding row j * bn
+            token = sum((m_blocks - (j * bn) // bm) * bm * bn for j in range(triton.cdiv(n_k, bn)))
+        else:
+            token = m_blocks * bm * triton.cdiv(n_k, bn) * bn
+        executed += matmuls * (m_blocks * bm * padded_prefix + token)
+    # Causal: query i sees the prefix and tokens j <= i.
+    visible = n_q * n_prefix + (sum(min(i + 1, n_k) for i in range(n_q)) if causal else n_q * n_k)
+    per_pair = 2 * batch * heads
+    executed *= per_pair * bd
+    return executed, per_pair * head_dim * 7 * visible
+
+
+@triton.jit
+def _rows(base, offs, stride, ALIGN: tl.constexpr):
+    """Element offsets ``[R, 1]`` of rows ``offs``; the launcher checked every stride is a multiple of ``ALIGN``, which
+    lets head dims like 72 or 88 (row strides not divisible by 16) still use 16-byte vector loads."""
+    return tl.multiple_of(base + offs[:, None] * stride, [ALIGN, 1])
 
 
 @triton.jit
@@ -59,8 +129,10 @@ def _fwd_tiles(
     m_i,
     l_i,
     q,
-    k_base,
-    v_base,
+    k_ptr,
+    v_ptr,
+    k_off,
+    v_off,
     stride_kn,
     stride_vn,
     offs_m,
@@ -71,15 +143,17 @@ def _fwd_tiles(
     CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of ``acc, m_i, l_i`` over keys ``[0, hi)`` of one key/value source."""
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d[None, :] < HEAD_DIM
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_keys
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None])
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        mask_kv = mask_n[:, None] & mask_d
+        k = tl.load(k_ptr + _rows(k_off, offs_n, stride_kn, ALIGN) + offs_d[None, :], mask=mask_kv, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         valid = mask_n[None, :]
         if CAUSAL:
             # Only diagonal tiles need it, but the select is cheap next to the two dots.
@@ -91,7 +165,7 @@ def _fwd_tiles(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :])
+        v = tl.load(v_ptr + _rows(v_off, offs_n, stride_vn, ALIGN) + offs_d[None, :], mask=mask_kv, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -134,18 +208,22 @@ def _prompt_attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    # 1-D grid: consecutive programs are the query blocks of one (batch, head), which share its K/V in L2.
+    m_blocks = tl.cdiv(n_q, BLOCK_M)
+    pid = tl.program_id(0)
+    off_bh = pid // m_blocks
+    start_m = (pid % m_blocks) * BLOCK_M
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_q = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(
-        q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q
-    )
+    q_rows = _rows(off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, ALIGN)
+    q = tl.load(q_ptr + q_rows + offs_d[None, :], mask=mask_q, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -153,21 +231,21 @@ def _prompt_attn_fwd_kernel(
     # Prefix keys are visible to every query (causal or not); stride_pkb is 0 for a batch-shared prefix.
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, q,
-        pk_ptr + off_b * stride_pkb + off_h * stride_pkh, pv_ptr + off_b * stride_pvb + off_h * stride_pvh,
+        pk_ptr, pv_ptr, off_b * stride_pkb + off_h * stride_pkh, off_b * stride_pvb + off_h * stride_pvh,
         stride_pkn, stride_pvn, offs_m, offs_d, n_prefix, n_prefix, qk_scale,
-        False, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+        False, BLOCK_P, HEAD_DIM, ALIGN, DOT_PRECISION,
     )  # fmt: skip
     hi = tl.minimum(n_k, start_m + BLOCK_M) if CAUSAL else n_k
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, q,
-        k_ptr + off_b * stride_kb + off_h * stride_kh, v_ptr + off_b * stride_vb + off_h * stride_vh,
+        k_ptr, v_ptr, off_b * stride_kb + off_h * stride_kh, off_b * stride_vb + off_h * stride_vh,
         stride_kn, stride_vn, offs_m, offs_d, n_k, hi, qk_scale,
-        CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+        CAUSAL, BLOCK_N, HEAD_DIM, ALIGN, DOT_PRECISION,
     )  # fmt: skip
 
     acc = acc / l_i[:, None]
-    o = o_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o, acc.to(o_ptr.dtype.element_ty), mask=mask_q)
+    o_rows = _rows(off_b * stride_ob + off_h * stride_oh, offs_m, stride_on, ALIGN)
+    tl.store(o_ptr + o_rows + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask_q)
     tl.store(lse_ptr + off_bh.to(tl.int64) * n_q + offs_m, m_i + tl.log2(l_i), mask=offs_m < n_q)
 
 
@@ -187,34 +265,36 @@ def _bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32: the softmax-Jacobian term shared by every key block."""
-    off_bh = tl.program_id(1)
+    m_blocks = tl.cdiv(n_q, BLOCK_M)
+    pid = tl.program_id(0)
+    off_bh = pid // m_blocks
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        o_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask
-    )
-    do = tl.load(
-        do_ptr + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask
-    )
+    o_rows = _rows(off_b * stride_ob + off_h * stride_oh, offs_m, stride_on, ALIGN)
+    do_rows = _rows(off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, ALIGN)
+    o = tl.load(o_ptr + o_rows + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + do_rows + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + off_bh.to(tl.int64) * n_q + offs_m, delta, mask=offs_m < n_q)
 
 
 @triton.jit
-def _bwd_kv_tiles(
-    dk,
-    dv,
+def _bwd_key_block(
     k,
     v,
-    q_base,
-    do_base,
+    q_ptr,
+    do_ptr,
+    q_off,
+    do_off,
     lse_base,
     delta_base,
+    dq_base,
     stride_qn,
     stride_don,
     offs_n,
@@ -222,21 +302,33 @@ def _bwd_kv_tiles(
     lo,
     n_q,
     qk_scale,
+    sm_scale,
+    first,
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV (unscaled) of one key block over query rows ``[lo, n_q)`` of one (batch, head)."""
-    mask_d = offs_d < HEAD_DIM
+    """One key block against query rows ``[lo, n_q)``: returns dK (scaled), dV; adds dQ (scaled) into the scratch.
+
+    Scores are formed transposed (``[BLOCK_N, BLOCK_M]``) so dV = P^T dO and dK = dS^T Q need no transposed store;
+    dQ = dS K is the fifth matmul. ``first``: this is the sample's first key block (it meets every query block), so
+    dQ is stored instead of accumulated and the scratch needs no zeroing.
+    """
+    mask_d = offs_d[None, :] < HEAD_DIM
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(lo, n_q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :])
-        lse = tl.load(lse_base + offs_m, mask=mask_m)
-        delta = tl.load(delta_base + offs_m, mask=mask_m)
-        # Transposed scores [BLOCK_N, BLOCK_M], so dV = P^T dO and dK = dS^T Q need no transposed stores.
+        mask_q = mask_m[:, None] & mask_d
+        q = tl.load(q_ptr + _rows(q_off, offs_m, stride_qn, ALIGN) + offs_d[None, :], mask=mask_q, other=0.0)
+        do = tl.load(do_ptr + _rows(do_off, offs_m, stride_don, ALIGN) + offs_d[None, :], mask=mask_q, other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         valid = mask_m[None, :]
         if CAUSAL:
@@ -244,188 +336,20 @@ def _bwd_kv_tiles(
         p_t = tl.where(valid, tl.exp2(qk_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :]) * sm_scale
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+        dq_ptrs = dq_base + offs_m[:, None] * BLOCK_D + offs_d[None, :]
+        if not first:
+            dq += tl.load(dq_ptrs, mask=mask_m[:, None], other=0.0)
+        tl.store(dq_ptrs, dq, mask=mask_m[:, None])
+    # The next key block re-reads these dQ rows, possibly in other threads: order the stores before those loads.
+    tl.debug_barrier()
     return dk, dv
 
 
 @triton.jit
-def _prompt_attn_bwd_dkdv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
-    dv_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_don,
-    n_heads,
-    n_q,
-    n_k,
-    qk_scale,
-    sm_scale,
-    CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dK, dV of the per-sample keys; dk/dv are contiguous [B, H, N_k, D]."""
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_kv = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(
-        k_ptr + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_kv
-    )
-    v = tl.load(
-        v_ptr + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_kv
-    )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Causal: queries before this key block cannot see it; start at the query block holding row start_n.
-    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    dk, dv = _bwd_kv_tiles(
-        dk, dv, k, v,
-        q_ptr + off_b * stride_qb + off_h * stride_qh, do_ptr + off_b * stride_dob + off_h * stride_doh,
-        lse_ptr + off_bh.to(tl.int64) * n_q, delta_ptr + off_bh.to(tl.int64) * n_q,
-        stride_qn, stride_don, offs_n, offs_d, lo, n_q, qk_scale,
-        CAUSAL, BLOCK_M, HEAD_DIM, DOT_PRECISION,
-    )  # fmt: skip
-    out = off_bh.to(tl.int64) * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask_kv)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask_kv)
-
-
-@triton.jit
-def _prompt_attn_bwd_prefix_kernel(
-    q_ptr,
-    pk_ptr,
-    pv_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dpk_ptr,
-    dpv_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_pkb,
-    stride_pkh,
-    stride_pkn,
-    stride_pvb,
-    stride_pvh,
-    stride_pvn,
-    stride_dob,
-    stride_doh,
-    stride_don,
-    n_batch,
-    n_heads,
-    n_q,
-    n_prefix,
-    n_splits,
-    qk_scale,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Partial dprefix_K, dprefix_V of one prefix block, summed over the batch rows ``split, split + S, ...``.
-
-    Writes fp32 ``[S, H, P, D]``. For a per-sample prefix ``S == B`` and each split is one sample, so the partial is
-    the gradient itself. Prefix keys are visible to every query, so no causal mask applies here.
-    """
-    start_n = tl.program_id(0) * BLOCK_N
-    off_h = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_kv = (offs_n[:, None] < n_prefix) & (offs_d[None, :] < HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for b in range(split, n_batch, n_splits):
-        off_b = tl.cast(b, tl.int64)
-        # Re-read per sample: stride 0 makes this the same tile (cache hit) for a shared prefix.
-        k = tl.load(
-            pk_ptr + off_b * stride_pkb + off_h * stride_pkh + offs_n[:, None] * stride_pkn + offs_d[None, :],
-            mask=mask_kv,
-        )
-        v = tl.load(
-            pv_ptr + off_b * stride_pvb + off_h * stride_pvh + offs_n[:, None] * stride_pvn + offs_d[None, :],
-            mask=mask_kv,
-        )
-        off_bh = off_b * n_heads + off_h
-        dk, dv = _bwd_kv_tiles(
-            dk, dv, k, v,
-            q_ptr + off_b * stride_qb + off_h * stride_qh, do_ptr + off_b * stride_dob + off_h * stride_doh,
-            lse_ptr + off_bh * n_q, delta_ptr + off_bh * n_q,
-            stride_qn, stride_don, offs_n, offs_d, 0, n_q, qk_scale,
-            False, BLOCK_M, HEAD_DIM, DOT_PRECISION,
-        )  # fmt: skip
-    out = (split.to(tl.int64) * n_heads + off_h) * n_prefix * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dpk_ptr + out, dk * sm_scale, mask=mask_kv)
-    tl.store(dpv_ptr + out, dv, mask=mask_kv)
-
-
-@triton.jit
-def _bwd_q_tiles(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    offs_m,
-    offs_d,
-    n_keys,
-    hi,
-    qk_scale,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Accumulate dQ (unscaled) of one query block over keys ``[0, hi)`` of one key/value source."""
-    mask_d = offs_d < HEAD_DIM
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_keys
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        valid = mask_n[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _prompt_attn_bwd_dq_kernel(
+def _prompt_attn_bwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -435,6 +359,11 @@ def _prompt_attn_bwd_dq_kernel(
     lse_ptr,
     delta_ptr,
     dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dpk_ptr,
+    dpv_ptr,
+    dq_acc_ptr,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -453,10 +382,21 @@ def _prompt_attn_bwd_dq_kernel(
     stride_dob,
     stride_doh,
     stride_don,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    n_batch,
     n_heads,
     n_q,
     n_k,
     n_prefix,
+    n_splits,
     qk_scale,
     sm_scale,
     CAUSAL: tl.constexpr,
@@ -464,46 +404,112 @@ def _prompt_attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ALIGN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dQ over prefix and token keys; dq is contiguous [B, H, N_q, D]."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    """Program (split, head) computes dQ, dK, dV of samples ``split, split + S, ...`` and their prefix gradient.
+
+    dpk/dpv: fp32 ``[S, H, P, D]``; a batch-shared prefix sums its samples into the program's own slice (S small), a
+    per-sample prefix has ``S == B`` (one sample per program) and the slice is that sample's gradient.
+    dq_acc: fp32 ``[S * H, n_q_pad, BLOCK_D]`` scratch, one slab per program, reused for each of its samples.
+    """
+    pid = tl.program_id(0)
+    split = pid // n_heads
+    off_h = (pid % n_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < n_q
-    mask_q = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(
-        q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q
-    )
-    do = tl.load(
-        do_ptr + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_q
-    )
-    lse = tl.load(lse_ptr + off_bh.to(tl.int64) * n_q + offs_m, mask=mask_m)
-    delta = tl.load(delta_ptr + off_bh.to(tl.int64) * n_q + offs_m, mask=mask_m)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_q_tiles(
-        dq, q, do, lse, delta,
-        pk_ptr + off_b * stride_pkb + off_h * stride_pkh, pv_ptr + off_b * stride_pvb + off_h * stride_pvh,
-        stride_pkn, stride_pvn, offs_m, offs_d, n_prefix, n_prefix, qk_scale,
-        False, BLOCK_N, HEAD_DIM, DOT_PRECISION,
-    )  # fmt: skip
-    hi = tl.minimum(n_k, start_m + BLOCK_M) if CAUSAL else n_k
-    dq = _bwd_q_tiles(
-        dq, q, do, lse, delta,
-        k_ptr + off_b * stride_kb + off_h * stride_kh, v_ptr + off_b * stride_vb + off_h * stride_vh,
-        stride_kn, stride_vn, offs_m, offs_d, n_k, hi, qk_scale,
-        CAUSAL, BLOCK_N, HEAD_DIM, DOT_PRECISION,
-    )  # fmt: skip
-    out = off_bh.to(tl.int64) * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptr + out, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_q)
+    mask_d = offs_d[None, :] < HEAD_DIM
+    dq_base = dq_acc_ptr + pid.to(tl.int64) * tl.cdiv(n_q, BLOCK_M) * BLOCK_M * BLOCK_D
+    part = (split.to(tl.int64) * n_heads + off_h) * n_prefix * HEAD_DIM
+    for b in range(split, n_batch, n_splits):
+        off_b = tl.cast(b, tl.int64)
+        off_bh = off_b * n_heads + off_h
+        q_off = off_b * stride_qb + off_h * stride_qh
+        do_off = off_b * stride_dob + off_h * stride_doh
+        lse_base = lse_ptr + off_bh * n_q
+        delta_base = delta_ptr + off_bh * n_q
+        for start_n in range(0, n_prefix, BLOCK_P):
+            offs_n = start_n + tl.arange(0, BLOCK_P)
+            mask_kv = (offs_n[:, None] < n_prefix) & mask_d
+            pk_rows = _rows(off_b * stride_pkb + off_h * stride_pkh, offs_n, stride_pkn, ALIGN)
+            pv_rows = _rows(off_b * stride_pvb + off_h * stride_pvh, offs_n, stride_pvn, ALIGN)
+            k = tl.load(pk_ptr + pk_rows + offs_d[None, :], mask=mask_kv, other=0.0)
+            v = tl.load(pv_ptr + pv_rows + offs_d[None, :], mask=mask_kv, other=0.0)
+            dk, dv = _bwd_key_block(
+                k, v, q_ptr, do_ptr, q_off, do_off, lse_base, delta_base, dq_base, stride_qn, stride_don, offs_n,
+                offs_d, 0, n_q, qk_scale, sm_scale, start_n == 0,
+                False, BLOCK_M, BLOCK_P, BLOCK_D, HEAD_DIM, ALIGN, DOT_PRECISION,
+            )  # fmt: skip
+            # Prefix keys are visible to every query, so no causal mask; the partial is only this program's.
+            out = part + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            if b != split:
+                dk += tl.load(dpk_ptr + out, mask=mask_kv, other=0.0)
+                dv += tl.load(dpv_ptr + out, mask=mask_kv, other=0.0)
+            tl.store(dpk_ptr + out, dk, mask=mask_kv)
+            tl.store(dpv_ptr + out, dv, mask=mask_kv)
+        for start_n in range(0, n_k, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_kv = (offs_n[:, None] < n_k) & mask_d
+            k = tl.load(
+                k_ptr + _rows(off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, ALIGN) + offs_d[None, :],
+                mask=mask_kv, other=0.0,
+            )  # fmt: skip
+            v = tl.load(
+                v_ptr + _rows(off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, ALIGN) + offs_d[None, :],
+                mask=mask_kv, other=0.0,
+            )  # fmt: skip
+            # Causal: queries before this key block cannot see it; start at the query block holding row start_n.
+            lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+            dk, dv = _bwd_key_block(
+                k, v, q_ptr, do_ptr, q_off, do_off, lse_base, delta_base, dq_base, stride_qn, stride_don, offs_n,
+                offs_d, lo, n_q, qk_scale, sm_scale, (start_n == 0) & (n_prefix == 0),
+                CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, ALIGN, DOT_PRECISION,
+            )  # fmt: skip
+            dk_rows = _rows(off_b * stride_dkb + off_h * stride_dkh, offs_n, stride_dkn, ALIGN)
+            dv_rows = _rows(off_b * stride_dvb + off_h * stride_dvh, offs_n, stride_dvn, ALIGN)
+            tl.store(dk_ptr + dk_rows + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask_kv)
+            tl.store(dv_ptr + dv_rows + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask_kv)
+        for start_m in range(0, n_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_q = (offs_m[:, None] < n_q) & mask_d
+            dq = tl.load(dq_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], mask=mask_q, other=0.0)
+            dq_rows = _rows(off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqn, ALIGN)
+            tl.store(dq_ptr + dq_rows + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mask_q)
+        # The next sample overwrites the scratch rows just read (maybe by other threads).
+        tl.debug_barrier()
+
+
+def _align(*tensors: torch.Tensor) -> int:
+    """Largest power of two <= 16 dividing every stride but the unit head-dim one: the kernels'
+    ``ALIGN`` hint, which keeps 16-byte vector loads for head dims that are not multiples of 16."""
+    g = 16
+    for t in tensors:
+        g = math.gcd(g, *t.stride()[:-1])
+    return g or 16
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     # Kernels address the head dim with stride 1; any other layout (rare) is copied once.
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _token_major(batch: int, heads: int, n: int, head_dim: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An uninitialised ``[B, H, N, D]`` view of ``[B, N, H, D]`` memory (the layout the module's output wants)."""
+    out = torch.empty((batch, n, heads, head_dim), dtype=dtype or like.dtype, device=like.device)
+    return out.transpose(1, 2)
+
+
+def _grad_buffers(q, k, v):
+    """dq, dk, dv: slots of one packed ``[B, N, 3, H, D]`` buffer when q, k, v are, else token-major each."""
+    batch, heads, n, dim = q.shape
+    if packed_slots(q, k, v):
+        packed = torch.empty((batch, n, 3, heads, dim), dtype=q.dtype, device=q.device)
+        return tuple(packed[:, :, i].transpose(1, 2) for i in range(3))
+    return (
+        _token_major(batch, heads, n, dim, q),
+        _token_major(batch, heads, k.shape[2], dim, k),
+        _token_major(batch, heads, k.shape[2], dim, v),
+    )
 
 
 def _prefix_args(prefix_k, prefix_v, k, v):
@@ -525,6 +531,15 @@ def _scales(head_dim: int, softmax_scale: float | None) -> tuple[float, float]:
     return sm_scale, sm_scale * LOG2E
 
 
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _check_grid(name: str, programs: int) -> None:
+    if programs > MAX_GRID_X:
+        raise ValueError(f"prompt_attention: {name} needs {programs} programs, over CUDA's grid limit {MAX_GRID_X}")
+
+
 def prompt_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -536,39 +551,40 @@ def prompt_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher. q: ``[B, H, N, D]``, k/v: ``[B, H, N_k, D]``, prefix: ``[H, P, D] | [1|B, H, P, D] | None``.
 
-    Returns ``o [B, H, N, D]`` (contiguous, q's dtype) and the base-2 log-sum-exp ``lse [B, H, N]`` in fp32.
+    Returns ``o [B, H, N, D]`` (a view of token-major ``[B, N, H, D]`` memory, q's dtype) and the base-2
+    log-sum-exp ``lse [B, H, N]`` in fp32.
     """
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     pk, pk_strides, pv, pv_strides, _, n_prefix = _prefix_args(prefix_k, prefix_v, k, v)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = _token_major(batch, heads, n_q, head_dim, q)
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
     _, qk_scale = _scales(head_dim, softmax_scale)
-    block_d = triton.next_power_of_2(head_dim)
-    cfg = fwd_config(q.dtype, block_d)
-    block_m = _row_block(n_q, cfg["BLOCK_M"])
-    grid = (triton.cdiv(n_q, block_m), batch * heads)
-    _prompt_attn_fwd_kernel[grid](
+    t = attention_tiles(n_q, n_k, n_prefix, head_dim, q.dtype)
+    programs = batch * heads * triton.cdiv(n_q, t["BLOCK_M"])
+    _check_grid("the forward", programs)
+    _prompt_attn_fwd_kernel[(programs,)](
         q, k, v, pk, pv, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *pk_strides, *pv_strides,
-        o.stride(0), o.stride(1), o.stride(2),
+        *_strides(q), *_strides(k), *_strides(v), *pk_strides, *pv_strides, *_strides(o),
         heads, n_q, n_k, n_prefix, qk_scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=t["BLOCK_D"], BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
+        BLOCK_P=t["BLOCK_P"], ALIGN=_align(q, k, v, pk, pv, o), DOT_PRECISION=dot_precision(q.dtype, fp32="tf32x3"),
+        **t["fwd"],
     )  # fmt: skip
     return o, lse
 
 
-def prefix_splits(batch: int, heads: int, prefix_blocks: int, device: torch.device) -> int:
-    """How many batch slices the prefix-gradient kernel uses: about two programs per SM, at most ``batch``."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(batch, math.ceil(2 * sms / max(1, heads * prefix_blocks))))
+def prefix_splits(batch: int, heads: int, device: torch.device) -> int:
+    """Batch slices of the backward for a batch-shared prefix: about four programs per SM, at most ``batch``.
+
+    More slices fill the GPU; fewer keep the fp32 ``[S, H, P, D]`` partial (and its final sum) small.
+    """
+    # Off CUDA (the interpreter, or a launch captured for the static report) assume an H100's 132 SMs.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(batch, math.ceil(4 * sms / max(1, heads))))
 
 
 def prompt_attention_bwd(
@@ -583,7 +599,8 @@ def prompt_attention_bwd(
     causal: bool,
     softmax_scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Backward launcher: ``dq, dk, dv`` (like q, k, v) and ``dprefix_k, dprefix_v`` in the prefix's own shape.
+    """Backward launcher: ``dq, dk, dv`` (shaped like q, k, v; one packed buffer when q, k, v are packed slots) and
+    ``dprefix_k, dprefix_v`` in the prefix's own shape.
 
     A shared prefix's gradient is summed over the batch from an fp32 ``[S, H, P, D]`` partial (S small), never a
     ``[B, H, P, D]`` tensor.
@@ -592,141 +609,50 @@ def prompt_attention_bwd(
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     pk, pk_strides, pv, pv_strides, prefix_batch, n_prefix = _prefix_args(prefix_k, prefix_v, k, v)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _grad_buffers(q, k, v)
     dpk = dpv = None
-    if prefix_k is not None:  # written whole below (the kernel's partial sums are copied in)
+    if prefix_k is not None:
         dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if batch * heads == 0 or n_q == 0:
-        if dpk is not None:
-            dpk.zero_(), dpv.zero_()
-        return dq.zero_(), dk.zero_(), dv.zero_(), dpk, dpv
+        for g in (dq, dk, dv, dpk, dpv):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, dpk, dpv
     sm_scale, qk_scale = _scales(head_dim, softmax_scale)
-    block_d = triton.next_power_of_2(head_dim)
-    cfg = bwd_config(q.dtype, block_d)
-    precision = dot_precision(q.dtype)
-    block_m = _row_block(n_q, cfg["BLOCK_M"])
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    t = attention_tiles(n_q, n_k, n_prefix, head_dim, q.dtype)
+    block_d, block_m = t["BLOCK_D"], t["BLOCK_M_BWD"]
 
     delta = torch.empty_like(lse)
-    pre_m = _row_block(n_q, 64)
-    _bwd_preprocess_kernel[(triton.cdiv(n_q, pre_m), batch * heads)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        heads, n_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m,
+    pre_m = pick_block(n_q, (64, 32))
+    programs = batch * heads * triton.cdiv(n_q, pre_m)
+    _check_grid("the backward preprocess", programs)
+    _bwd_preprocess_kernel[(programs,)](
+        o, do, delta, *_strides(o), *_strides(do), heads, n_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, ALIGN=_align(o, do),
     )  # fmt: skip
-    q_strides, do_strides = (q.stride(0), q.stride(1), q.stride(2)), (do.stride(0), do.stride(1), do.stride(2))
-    k_strides, v_strides = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
-    if n_k > 0:
-        block_n = _row_block(n_k, cfg["BLOCK_N"])
-        _prompt_attn_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), batch * heads)](
-            q, k, v, do, lse, delta, dk, dv, *q_strides, *k_strides, *v_strides, *do_strides,
-            heads, n_q, n_k, qk_scale, sm_scale,
-            CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            DOT_PRECISION=precision, **launch,
-        )  # fmt: skip
-    if n_prefix > 0:
-        block_p = _row_block(n_prefix, cfg["BLOCK_N"])
-        n_blocks = triton.cdiv(n_prefix, block_p)
-        splits = batch if prefix_batch == batch else prefix_splits(batch, heads, n_blocks, q.device)
-        part_k = torch.empty((splits, heads, n_prefix, head_dim), dtype=torch.float32, device=q.device)
-        part_v = torch.empty_like(part_k)
-        _prompt_attn_bwd_prefix_kernel[(n_blocks, heads, splits)](
-            q, pk, pv, do, lse, delta, part_k, part_v, *q_strides, *pk_strides, *pv_strides, *do_strides,
-            batch, heads, n_q, n_prefix, splits, qk_scale, sm_scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_p, DOT_PRECISION=precision, **launch,
-        )  # fmt: skip
-        if prefix_batch == batch:
+
+    splits = prefix_splits(batch, heads, q.device) if n_prefix > 0 and prefix_batch == 1 else batch
+    programs = splits * heads
+    _check_grid("the backward", programs)
+    part_k = torch.empty((splits, heads, n_prefix, head_dim), dtype=torch.float32, device=q.device)
+    part_v = torch.empty_like(part_k)
+    dq_acc = torch.empty((programs, triton.cdiv(n_q, block_m) * block_m, block_d), dtype=torch.float32, device=q.device)
+    _prompt_attn_bwd_kernel[(programs,)](
+        q, k, v, pk, pv, do, lse, delta, dq, dk, dv, part_k, part_v, dq_acc,
+        *_strides(q), *_strides(k), *_strides(v), *pk_strides, *pv_strides, *_strides(do),
+        *_strides(dq), *_strides(dk), *_strides(dv),
+        batch, heads, n_q, n_k, n_prefix, splits, qk_scale, sm_scale,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=t["BLOCK_N"],
+        BLOCK_P=t["BLOCK_P"], ALIGN=_align(q, k, v, pk, pv, do, dq, dk, dv),
+        DOT_PRECISION=dot_precision(q.dtype, fp32="tf32x3"), **t["bwd"],
+    )  # fmt: skip
+    if dpk is not None:
+        if n_prefix == 0:
+            dpk.zero_(), dpv.zero_()
+        elif prefix_batch == batch:
             dpk.copy_(part_k.view(dpk.shape))
             dpv.copy_(part_v.view(dpv.shape))
         else:
             dpk.copy_(part_k.sum(0).view(dpk.shape))
             dpv.copy_(part_v.sum(0).view(dpv.shape))
-    _prompt_attn_bwd_dq_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
-        q, k, v, pk, pv, do, lse, delta, dq, *q_strides, *k_strides, *v_strides, *pk_strides, *pv_strides, *do_strides,
-        heads, n_q, n_k, n_prefix, qk_scale, sm_scale,
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-        BLOCK_N=_row_block(max(n_k, n_prefix), cfg["BLOCK_N"]), DOT_PRECISION=precision, **launch,
-    )  # fmt: skip
     return dq, dk, dv, dpk, dpv
-
-
-def qkv_config(dtype: torch.dtype, block_d: int) -> dict:
-    """Tiles of the projection kernel: ``BLOCK_M`` rows of x times one head's ``BLOCK_D`` output columns."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 4 if block_d <= 64 else 8, "num_stages": 3}
-
-
-@triton.jit
-def _qkv_fwd_kernel(
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    out_ptr,
-    stride_xb,
-    stride_xn,
-    stride_wr,
-    n_rows,
-    n_tokens,
-    n_heads,
-    embed,
-    HAS_BIAS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One (row block, q/k/v head) tile of ``x @ W.T + b``, stored head-split into a contiguous ``[3, B, H, N, D]``.
-
-    Program axis 1 enumerates ``c = j * H + h`` (j: q, k or v); since ``E = H * D`` the weight rows of that head are
-    ``c * D + d``, so the output columns need no gather and the store lands directly in the ``[B, H, N, D]`` layout
-    that attention reads (the permute + contiguous copies of the usual path never happen).
-    """
-    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_r = offs_r < n_rows
-    mask_d = offs_d < HEAD_DIM
-    off_b = (offs_r // n_tokens).to(tl.int64)
-    off_n = (offs_r % n_tokens).to(tl.int64)
-    w_rows = (col * HEAD_DIM + offs_d).to(tl.int64)
-    x_rows = x_ptr + off_b * stride_xb + off_n * stride_xn
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_k in range(0, embed, BLOCK_K):
-        offs_k = start_k + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < embed
-        x = tl.load(x_rows[:, None] + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :])
-        w_t = tl.load(w_ptr + w_rows[None, :] * stride_wr + offs_k[:, None], mask=mask_d[None, :] & mask_k[:, None])
-        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + w_rows, mask=mask_d).to(tl.float32)[None, :]
-    which = col // n_heads
-    off_h = col % n_heads
-    n_batch = n_rows // n_tokens
-    # out[which, b, h, n, d] in a contiguous [3, B, H, N, D] buffer.
-    plane = ((which * n_batch).to(tl.int64) * n_heads) * n_tokens * HEAD_DIM
-    out = plane + ((off_b * n_heads + off_h) * n_tokens + off_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-
-
-def qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int) -> torch.Tensor:
-    """Projection launcher. x: ``[B, N, E]``, weight: ``[3E, E]``, bias: ``[3E]`` -> contiguous ``[3, B, H, N, D]``."""
-    x, weight = _unit_stride(x), weight.contiguous()
-    batch, n_tokens, embed = x.shape
-    head_dim = embed // num_heads
-    out = torch.empty((3, batch, num_heads, n_tokens, head_dim), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    block_d = triton.next_power_of_2(head_dim)
-    cfg = qkv_config(x.dtype, block_d)
-    n_rows = batch * n_tokens
-    block_m = _row_block(n_rows, cfg["BLOCK_M"])
-    _qkv_fwd_kernel[(triton.cdiv(n_rows, block_m), 3 * num_heads)](
-        x, weight, weight if bias is None else bias.contiguous(), out,
-        x.stride(0), x.stride(1), weight.stride(0), n_rows, n_tokens, num_heads, embed,
-        HAS_BIAS=bias is not None, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
-    return out
