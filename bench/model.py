@@ -103,50 +103,33 @@ def _precision(v: View, pointer: str, constexpr: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- attention kernels
-def _attn_heads(v: View) -> int:
-    return v.grid[1]  # batch * heads on grid axis 1
-
-
-@describe("_qkv_fwd_kernel", {"_qkv_fwd_kernel": 1})
-def _qkv(v: View) -> Work:
-    bm, bk, bd = v.c["BLOCK_M"], v.c["BLOCK_K"], v.c["BLOCK_D"]
-    ctas = v.grid[0] * v.grid[1]
-    k_pad = cdiv(v.s["embed"], bk) * bk
-    elem = v.elem("x_ptr")
-    streamed = ctas * k_pad * (bm + bd) * elem + v.nbytes("out_ptr")
-    return Work(
-        "qkv-fwd",
-        ctas * 2 * bm * bd * k_pad,
-        v.nbytes("x_ptr", "w_ptr", "out_ptr") + (v.nbytes("b_ptr") if v.c["HAS_BIAS"] else 0),
-        streamed,
-        _precision(v, "x_ptr", "DOT_PRECISION"),
-    )
-
-
-def _key_tiles(v: View, start_m: int) -> int:
-    """Key tiles (prefix + tokens) a query block starting at ``start_m`` visits in the forward / dq loops."""
-    bm, bn = v.c["BLOCK_M"], v.c["BLOCK_N"]
-    n_k, n_prefix = _arg(v, "n_k"), _arg(v, "n_prefix")
-    hi = min(n_k, start_m + bm) if v.c["CAUSAL"] else n_k
-    return cdiv(n_prefix, bn) + cdiv(hi, bn)
-
-
+# prompt_qkv has no Triton kernel: it is F.linear (cuBLAS) + head-split views (family qkv-fwd, no launch).
 def _arg(v: View, name: str) -> int:
     """A scalar argument, wherever specialisation put it (an argument equal to 1 is a constexpr)."""
     value = v.s.get(name, v.c.get(name))
     return 0 if value is None else int(value)
 
 
+def _token_tiles_fwd(v: View, start_m: int) -> int:
+    """Token key tiles a forward query block starting at ``start_m`` visits (causal: up to the diagonal)."""
+    bm, bn, n_k = v.c["BLOCK_M"], v.c["BLOCK_N"], _arg(v, "n_k")
+    return cdiv(min(n_k, start_m + bm) if v.c["CAUSAL"] else n_k, bn)
+
+
 @describe("_prompt_attn_fwd_kernel", {"_prompt_attn_fwd_kernel": 0, "_fwd_tiles": 2})
 def _attn_fwd(v: View) -> Work:
-    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
-    n_q = _arg(v, "n_q")
-    tiles = sum(_key_tiles(v, m * bm) for m in range(v.grid[0]))
+    # 1-D grid: batch * heads * query blocks; each block walks cdiv(P, BLOCK_P) prefix tiles, then its token tiles.
+    bm, bn, bp, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_P"], v.c["BLOCK_D"]
+    n_q, n_prefix = _arg(v, "n_q"), _arg(v, "n_prefix")
+    m_blocks = cdiv(n_q, bm)
+    heads = v.grid[0] // max(1, m_blocks)
+    token = sum(_token_tiles_fwd(v, m * bm) for m in range(m_blocks))
+    prefix = m_blocks * cdiv(n_prefix, bp)
     elem = v.elem("q_ptr")
-    streamed = _attn_heads(v) * (tiles * 2 * bn * bd + v.grid[0] * 2 * bm * bd) * elem
+    streamed = heads * ((prefix * bp + token * bn) * 2 * bd + m_blocks * 2 * bm * bd) * elem
     return Work(
         "attention-fwd",
-        _attn_heads(v) * tiles * 2 * (2 * bm * bn * bd),
+        heads * 2 * 2 * bm * bd * (prefix * bp + token * bn),
         v.nbytes("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "o_ptr", "lse_ptr") if n_q else 0,
         streamed,
         _precision(v, "q_ptr", "DOT_PRECISION"),
@@ -159,55 +142,35 @@ def _attn_pre(v: View) -> Work:
     return Work("attention-bwd", 0, both, both, _precision(v, "o_ptr", ""))
 
 
-@describe("_prompt_attn_bwd_dkdv_kernel", {"_prompt_attn_bwd_dkdv_kernel": 0, "_bwd_kv_tiles": 4})
-def _attn_dkdv(v: View) -> Work:
-    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
-    n_q = _arg(v, "n_q")
-    trips = 0
-    for n in range(v.grid[0]):
-        lo = (n * bn // bm) * bm if v.c["CAUSAL"] else 0
-        trips += cdiv(max(0, n_q - lo), bm)
+@describe("_prompt_attn_bwd_kernel", {"_prompt_attn_bwd_kernel": 0, "_bwd_key_block": 5})
+def _attn_bwd(v: View) -> Work:
+    # Programs (split, head) together visit every (sample, head) once: per key block (prefix blocks, then token blocks,
+    # causal from the diagonal) the streamed query blocks run 5 matmuls each (S, dP, dV, dK, dQ); dQ accumulates in an
+    # fp32 scratch (read + write per pair), converted once at the end.
+    bm, bn, bp, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_P"], v.c["BLOCK_D"]
+    n_q, n_k, n_prefix = _arg(v, "n_q"), _arg(v, "n_k"), _arg(v, "n_prefix")
+    items = _arg(v, "n_batch") * _arg(v, "n_heads")
+    m_blocks = cdiv(n_q, bm)
+    prefix_pairs = cdiv(n_prefix, bp) * m_blocks
+    token_pairs = sum(m_blocks - ((j * bn) // bm if v.c["CAUSAL"] else 0) for j in range(cdiv(n_k, bn)))
+    key_rows = prefix_pairs * bp + token_pairs * bn  # sum over pairs of the key block's rows
+    pairs = prefix_pairs + token_pairs
     elem = v.elem("q_ptr")
-    streamed = _attn_heads(v) * (trips * 2 * bm * bd + v.grid[0] * 4 * bn * bd) * elem
+    per_item = (
+        (cdiv(n_prefix, bp) * bp + cdiv(n_k, bn) * bn) * 4 * bd * elem  # K, V in; dK, dV out
+        + pairs * bm * (2 * bd * elem + 2 * bd * 4 + 8)  # q, dO, lse, delta in; dQ scratch read + write
+        + m_blocks * bm * bd * (4 + elem)  # final dQ conversion
+    )
     return Work(
         "attention-bwd",
-        _attn_heads(v) * trips * 4 * (2 * bm * bn * bd),
-        v.nbytes("q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"),
-        streamed,
+        items * 5 * 2 * bm * bd * key_rows,
+        v.nbytes(
+            "q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dq_ptr", "dk_ptr",
+            "dv_ptr", "dpk_ptr", "dpv_ptr",
+        ),
+        items * per_item,
         _precision(v, "q_ptr", "DOT_PRECISION"),
-    )
-
-
-@describe("_prompt_attn_bwd_prefix_kernel", {"_prompt_attn_bwd_prefix_kernel": 0, "_bwd_kv_tiles": 4})
-def _attn_prefix(v: View) -> Work:
-    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
-    blocks, heads, _ = v.grid
-    n_batch, n_q = _arg(v, "n_batch"), _arg(v, "n_q")
-    trips = n_batch * cdiv(n_q, bm)  # every batch row of every split, all query blocks
-    elem = v.elem("q_ptr")
-    streamed = blocks * heads * (trips * 2 * bm * bd + n_batch * 2 * bn * bd) * elem + v.nbytes("dpk_ptr", "dpv_ptr")
-    return Work(
-        "attention-bwd",
-        blocks * heads * trips * 4 * (2 * bm * bn * bd),
-        v.nbytes("q_ptr", "pk_ptr", "pv_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dpk_ptr", "dpv_ptr"),
-        streamed,
-        _precision(v, "q_ptr", "DOT_PRECISION"),
-    )
-
-
-@describe("_prompt_attn_bwd_dq_kernel", {"_prompt_attn_bwd_dq_kernel": 0, "_bwd_q_tiles": 3})
-def _attn_dq(v: View) -> Work:
-    bm, bn, bd = v.c["BLOCK_M"], v.c["BLOCK_N"], v.c["BLOCK_D"]
-    tiles = sum(_key_tiles(v, m * bm) for m in range(v.grid[0]))
-    elem = v.elem("q_ptr")
-    streamed = _attn_heads(v) * (tiles * 2 * bn * bd + v.grid[0] * 3 * bm * bd) * elem
-    return Work(
-        "attention-bwd",
-        _attn_heads(v) * tiles * 3 * (2 * bm * bn * bd),
-        v.nbytes("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dq_ptr"),
-        streamed,
-        _precision(v, "q_ptr", "DOT_PRECISION"),
-    )
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- KD kernels
