@@ -164,7 +164,7 @@ def sample_pomp_negatives(
     replacement, as POMP's ``np.random.choice(C, size, p=probs)``, here ``torch.multinomial(probs, n, True,
     generator=generator)``.
     """
-    if not 1 <= num_negatives <= num_classes:
+    if num_negatives < 1 or (probs is None and num_negatives > num_classes):  # with replacement: any number
         raise ValueError(f"sample_pomp_negatives: need 1 <= negatives <= {num_classes} classes, got {num_negatives}")
     if probs is None:
         return torch.randperm(num_classes, generator=generator, device=generator.device).cpu()[:num_negatives]

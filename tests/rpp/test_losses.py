@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rpp.losses import corrected_cross_entropy, full_class_set, local_correction, sample_classes
+from rpp.losses import (
+    corrected_cross_entropy,
+    full_class_set,
+    local_correction,
+    negative_probs,
+    pomp_correction,
+    pomp_cross_entropy,
+    sample_classes,
+    sample_pomp_negatives,
+)
 
 
 def draw(seed, labels, teacher, num_classes=500, k=64):
@@ -105,3 +114,50 @@ def test_local_correction_estimates_the_full_softmax_cross_entropy():
     corrected, plain = sum(corrected) / len(corrected), sum(plain) / len(plain)
     assert abs(corrected - full) < 0.05 * full
     assert abs(plain - full) > 5 * abs(corrected - full)
+
+
+# ------------------------------------------------------------------------------------------------------------ POMP
+
+
+def test_pomp_negatives_are_shared_uniform_draws_or_multinomial():
+    g = torch.Generator().manual_seed(3)
+    negatives = sample_pomp_negatives(50, 9, g)
+    assert torch.equal(negatives, torch.randperm(50, generator=torch.Generator().manual_seed(3))[:9])
+    probs = torch.zeros(50)
+    probs[[4, 7]] = torch.tensor([0.25, 0.75])
+    drawn = sample_pomp_negatives(50, 400, torch.Generator().manual_seed(0), probs)
+    assert set(drawn.tolist()) == {4, 7} and 0.65 < (drawn == 7).float().mean() < 0.85  # with replacement, by p
+    with pytest.raises(ValueError, match="negatives"):
+        sample_pomp_negatives(5, 6, g)
+    with pytest.raises(ValueError, match="probs must have shape"):
+        sample_pomp_negatives(5, 2, g, torch.ones(4) / 4)
+
+
+def test_pomp_correction_per_row_and_for_sampled_probabilities():
+    labels, negatives = torch.tensor([3, 8, 1]), torch.tensor([3, 5, 8, 9])
+    correction, reject = pomp_correction(labels, negatives, num_classes=101)
+    assert reject.tolist() == [[True, False, False, False], [False, False, True, False], [False] * 4]
+    expected = torch.tensor([2 - math.log10(3), 2 - math.log10(3), 2 - math.log10(4)])  # log10(100) - log10(4 - r_i)
+    torch.testing.assert_close(correction, expected[:, None].expand(3, 4))
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    correction, _ = pomp_correction(labels, negatives, 101, neg_probs=p, log10=False)
+    torch.testing.assert_close(correction, -p.log()[None].expand(3, 4))
+
+
+def test_pomp_cross_entropy_matches_pomps_formula():
+    pos, neg = torch.randn(3), torch.randn(3, 4)
+    reject = torch.tensor([[True, False, False, False], [False] * 4, [False, False, True, True]])
+    correction = torch.rand(3, 4)
+    logits = torch.cat([pos[:, None], neg - 1e6 * reject + correction], 1)
+    explicit = F.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(pomp_cross_entropy(pos, neg, reject, correction), explicit)
+
+
+def test_negative_probs_hard_and_easy():
+    feats = F.normalize(torch.randn(5, 8), dim=-1)
+    bank = F.normalize(torch.randn(20, 8), dim=-1)
+    mean = (10.0 * feats @ bank.T).mean(0)
+    torch.testing.assert_close(negative_probs(feats, bank, 10.0, "hard"), torch.softmax(mean, 0))
+    torch.testing.assert_close(negative_probs(feats, bank, 10.0, "easy"), torch.softmax(-mean, 0))
+    with pytest.raises(ValueError, match="hard' or 'easy'"):
+        negative_probs(feats, bank, 10.0, "random")
