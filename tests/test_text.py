@@ -276,3 +276,42 @@ def test_low_precision_gpu(mode, dtype):
     for g, bg, rg in zip(grads, base_grads, ref_grads, strict=True):
         err, base_err = (g.float() - rg).abs().max(), (bg.float() - rg).abs().max()
         assert err <= 3 * base_err + eps * rg.abs().max(), f"grad error {err:.3g} vs naive {base_err:.3g}"
+
+
+def test_call_time_prompts_open_clip(model):
+    """ctx / deep prompts given per call equal an encoder owning them; per-image ctx gives one encoding per image."""
+    owner = SharedPrefixTextEncoder(model, 4, deep_prompts=3)
+    perturb_prompts(owner)
+    plain = SharedPrefixTextEncoder(model, 4, chunk_size=3)
+    names = REAL_NAMES[:12]
+    with torch.no_grad():
+        assert_close(plain(names, ctx=owner.ctx, deep_prompts=owner.deep_ctx), owner(names), "call-time deep prompts")
+        per_image = torch.stack([owner.ctx, owner.ctx + 0.3])
+        batched = plain(names, ctx=per_image, deep_prompts=owner.deep_ctx)
+        assert batched.shape == (2, len(names), 32)
+        assert_close(batched[0], owner(names), "image 0")
+        assert_close(batched[1], plain(names, ctx=per_image[1], deep_prompts=owner.deep_ctx), "image 1")
+
+
+def test_prompt_state_dict_holds_only_prompts(model):
+    enc = SharedPrefixTextEncoder(model, 4, unshared_qkv=True, deep_prompts=2)
+    perturb_prompts(enc)
+    state = enc.prompt_state_dict()
+    assert set(state) == {"ctx", "prompt_q", "prompt_k", "prompt_v"} and len(enc.state_dict()) > len(state)
+    other = SharedPrefixTextEncoder(model, 4, unshared_qkv=True, deep_prompts=2)
+    other.load_prompt_state_dict(state)
+    with torch.no_grad():
+        assert_close(other(REAL_NAMES), enc(REAL_NAMES), "reloaded prompts")
+    with pytest.raises(ValueError, match="prompt_q must have shape"):
+        other.load_prompt_state_dict({**state, "prompt_q": torch.zeros(1, 4, 64)})
+
+
+def test_compute_dtype_option(model):
+    """dtype=float64 computes the fp32 model's tower in float64 (weights cast on the fly, the model unchanged)."""
+    enc = SharedPrefixTextEncoder(model, 4, dtype=torch.float64)
+    assert enc.ctx.dtype == torch.float64 and model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float32
+    with torch.no_grad():
+        out = enc(REAL_NAMES[:5])
+        ref = encode_text_naive(model, REAL_NAMES[:5], enc.ctx.float())
+    assert out.dtype == torch.float64
+    assert_close(out.float(), ref, "float64 vs float32 encoding", tol=1e-4)
