@@ -592,6 +592,7 @@ def resolve(
 
         load = READERS.get(fmt) or (image_folder if fmt == "imagefolder" else imagenet21k_folder)
         source, names = load(data, classnames, cache_dir=index_cache)
+        _check_empty_classes(source, names, fmt, data)
         spec = DataSpec(fmt, names, source)
     _warn_duplicate_names(spec.classnames)
     if eval_data is not None:
@@ -602,6 +603,25 @@ def resolve(
         if eval_names != spec.classnames:
             raise UserError(f"--eval-data {eval_data} has different classes than --data {data}")
     return spec
+
+
+def _check_empty_classes(source, names: list[str], fmt: str, data: str) -> None:
+    """A class without images still enters every softmax (and, in an image folder, is usually a stray folder):
+    refused for image folders; synset trees keep empty synsets (their ids stay aligned with the synset list), with a
+    warning. One bincount over the labels, no per-image Python work."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        return
+    empty = np.flatnonzero(np.bincount(np.asarray(labels), minlength=len(names)) == 0)
+    if not len(empty):
+        return
+    classes = getattr(source, "classes", names)
+    example = classes[empty[0]] if len(classes) == len(names) else names[empty[0]]
+    if fmt == "imagefolder":
+        raise UserError(f"{len(empty)} class folder(s) of --data {data} hold no images, e.g. {example!r}: remove "
+                        "them or add their images (an empty folder would still be a class)")  # fmt: skip
+    warnings.warn(f"{len(empty)} class(es) of --data {data} hold no images (e.g. {example!r}); they stay classes, "
+                  "so class ids match the full class list", stacklevel=2)  # fmt: skip
 
 
 def _warn_duplicate_names(names: list[str]) -> None:

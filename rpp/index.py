@@ -286,10 +286,6 @@ def scan_tree(root: str | os.PathLike, layout: str = "imagefolder", *, progress:
     for label, c in enumerate(bar):
         mtimes.append(os.stat(base / c).st_mtime_ns)
         entries = _scan_folder(str(base / c), f"{c}/")
-        if not entries:  # it would still be a class (a label no image has, a text feature in every softmax)
-            raise UserError(f"class folder {base / c} holds no images: remove it or add its images")
-        if not entries:  # it would still be a class (a label no image has, a text feature in every softmax)
-            raise UserError(f"class folder {base / c} holds no images: remove it or add its images")
         stats = array("q")
         for rel, size, mtime in entries:
             encoded = os.fsencode(rel)

@@ -496,3 +496,13 @@ def test_a_stalled_rank_becomes_a_clean_stop(tmp_path, case):
         assert procs[0].returncode == 128 + signal.SIGTERM, err
         assert "no checkpoint within 2 s of SIGTERM" in err and "Traceback" not in err, err
     assert took < 60, took
+
+
+def test_an_empty_class_folder_is_refused(tmp_path, capsys):
+    for name in ("cat", "dog", "empty"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name / "0.jpg").write_bytes(_jpeg((1, 2, 3)))
+    assert train.main([*RUN, "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hold no images, e.g. 'empty'" in err[0] and "--data" in err[0], err
