@@ -217,10 +217,13 @@ class _Check:
 
     def header(self, fmt: str) -> None:
         if self.obj.get("format") != fmt:
+            kind, hint = {
+                STATE_FORMAT: ("training state", "resume from the train_state.pt of a run directory"),
+                PROMPTS_FORMAT: ("prompts checkpoint", "use the prompts.pt of a run directory"),
+            }[fmt]
             raise UserError(
-                f"{self.what} {self.path} is not a {fmt} checkpoint (format {_short(self.obj.get('format'))}); "
-                + ("resume from the train_state.pt of a run directory" if fmt == STATE_FORMAT else "")
-                + ("use the prompts.pt of a run directory" if fmt == PROMPTS_FORMAT else "")
+                f"{self.what} {self.path} is not a {kind} written by rpp.train "
+                f"(format {_short(self.obj.get('format'))}); {hint}"
             )
         version = self.obj.get("version")
         if version != SCHEMA_VERSION:

@@ -250,7 +250,7 @@ def test_torn_and_malformed_files_are_one_line_errors(tmp_path, datasets, capsys
     assert "no 'optimizer'" in resume_error({k: v for k, v in state.items() if k != "optimizer"})
     assert "'rng[0].torch' must be a uint8 tensor" in resume_error({**state, "rng": [{"torch": torch.zeros(3)}]})
     assert "'method_config' must be a dict" in resume_error({**state, "method_config": ["rpp"]})
-    assert "not a rpp.train_state" in resume_error(checkpoint.prompts_of(state))
+    assert "is not a training state written by rpp.train" in resume_error(checkpoint.prompts_of(state))
 
     prompts = checkpoint.prompts_of(state)
     for bad, message in (({**prompts, "method_config": ["a", "list"]}, "'method_config' must be a dict"),
