@@ -141,23 +141,20 @@ def summarise(rows: list[dict]) -> tuple[dict, list[str]]:
 
 def format_table(table: dict, per_dataset: bool = False) -> str:
     width = max([len(m) for m in table] + [len(m) for m in PUBLISHED] + [12]) + 14
-    lines = []
-    header = f"{'':<{width}}" + "".join(f"{c:>16}" for c in COLUMNS)
-    lines.append(f"{'':<{width}}{'FGVC':>16}{'VTAB-1k':>16}")
-    lines.append(header)
+    lines = [" " * (width + 16) + f"{'VTAB-1k':^48}", f"{'':<{width}}" + "".join(f"{c:>16}" for c in COLUMNS)]
 
     def cell(group) -> str:
         if group is None:
             return f"{'-':>16}"
         mean, k, n = group
-        return f"{mean:>10.2f}{'' if k == n else f' ({k}/{n})':>6}"
+        return f"{f'{mean:.2f}' + ('' if k == n else f' ({k}/{n})'):>16}"
 
     for metric, label in (("best", "best epoch"), ("last", "last epoch")):
         for method, entry in sorted(table.items()):
             groups = entry[metric]["groups"]
             lines.append(f"{f'{method} ({label})':<{width}}" + "".join(cell(groups.get(c)) for c in COLUMNS))
     for name, values in PUBLISHED.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{values[c]:>10.2f}{'':>6}" for c in COLUMNS))
+        lines.append(f"{name:<{width}}" + "".join(cell((values[c], 1, 1)) for c in COLUMNS))
     if per_dataset:
         for method, entry in sorted(table.items()):
             lines.append("")
