@@ -38,6 +38,9 @@ import shutil
 import sys
 import time
 from array import array
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate, islice
 from pathlib import Path
 
 import numpy as np
@@ -265,11 +268,36 @@ def _scan_folder(folder: str, prefix: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def scan_tree(root: str | os.PathLike, layout: str = "imagefolder", *, progress: bool = True) -> ImageIndex:
+def _scan_class(folder: str, prefix: str) -> tuple[int, list[bytes], array]:
+    """(folder mtime ns, encoded relative paths sorted, [size, mtime] per image) of one class folder."""
+    mtime = os.stat(folder).st_mtime_ns
+    entries = _scan_folder(folder, prefix)
+    return mtime, [os.fsencode(rel) for rel, _, _ in entries], array("q", [v for e in entries for v in e[1:]])
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: list[tuple], window: int):
+    """fn(*item) for each item, run `window` at a time on `pool`, yielded in item order (bounded memory)."""
+    pending: deque = deque()
+    rest = iter(items)
+    for item in islice(rest, window):
+        pending.append(pool.submit(fn, *item))
+    while pending:
+        result = pending.popleft().result()
+        item = next(rest, None)
+        if item is not None:
+            pending.append(pool.submit(fn, *item))
+        yield result
+
+
+def scan_tree(
+    root: str | os.PathLike, layout: str = "imagefolder", *, progress: bool = True, threads: int = 8
+) -> ImageIndex:
     """Walk a class-folder tree once (os.scandir; one stat per image for the fingerprint) into an index.
 
-    Per-class lists are transient; the index itself is three arrays. Images of a class are ordered by relative path,
-    classes by folder name (labels = class positions), as torchvision's ImageFolder orders them."""
+    Class folders are listed by `threads` threads (directory reads and stats release the GIL: on network storage the
+    walk is latency-bound) and consumed in order; per-class lists are transient, the index itself is three arrays.
+    Images of a class are ordered by relative path, classes by folder name (labels = class positions), as
+    torchvision's ImageFolder orders them."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     base = tree_base(root, layout)
@@ -282,23 +310,26 @@ def scan_tree(root: str | os.PathLike, layout: str = "imagefolder", *, progress:
     labels = array("i")
     mtimes = array("q")
     h = hashlib.sha256(json.dumps([layout, classes]).encode())
-    bar = tqdm(classes, desc=f"indexing {root}", unit="class", disable=not progress, dynamic_ncols=True, delay=1)
-    for label, c in enumerate(bar):
-        mtimes.append(os.stat(base / c).st_mtime_ns)
-        entries = _scan_folder(str(base / c), f"{c}/")
-        stats = array("q")
-        for rel, size, mtime in entries:
-            encoded = os.fsencode(rel)
-            names += encoded
-            offsets.append(len(names))
-            h.update(encoded + b"\0")
-            stats.extend((size, mtime))
-        labels.extend([label] * len(entries))
-        h.update(stats.tobytes())
-        h.update(label.to_bytes(4, "little") + len(entries).to_bytes(8, "little"))
-        if progress and label % 256 == 0:
-            bar.set_postfix(images=len(labels), refresh=False)
-    bar.close()
+    bar = tqdm(total=len(classes), desc=f"indexing {root}", unit="class", disable=not progress, dynamic_ncols=True,
+               delay=1)  # fmt: skip
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            work = [(str(base / c), f"{c}/") for c in classes]
+            for label, (mtime, rels, stats) in enumerate(_in_order(pool, _scan_class, work, 4 * max(1, threads))):
+                mtimes.append(mtime)
+                start = len(names)
+                names += b"".join(rels)
+                offsets.extend(start + end for end in accumulate(map(len, rels)))
+                labels.extend([label] * len(rels))
+                h.update(b"\0".join(rels) + b"\1" + stats.tobytes())
+                h.update(label.to_bytes(4, "little") + len(rels).to_bytes(8, "little"))
+                bar.update(1)
+                if progress and label % 256 == 0:
+                    bar.set_postfix(images=len(labels), refresh=False)
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename or root} while indexing: {e.strerror or e}") from None
+    finally:
+        bar.close()
     if not labels:
         raise UserError(f"no image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS[:5])}, ...)")
     return ImageIndex(
