@@ -7,6 +7,7 @@ per-dtype floor for the cases where PyTorch happens to be exact.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -341,6 +342,39 @@ def test_token_major_output_and_packed_gradients():
     assert packed_slots(grads["q"], grads["k"], grads["v"])
     (dx_ref,) = torch.autograd.grad(forward("torch")[1].square().sum(), x)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+
+SPECIALISED_COMPILE = r"""
+import json, sys
+from dataclasses import asdict
+from rpp_kernels.tools import gate_cases, static_gate
+case = gate_cases.custom_case("attention", sys.argv[1], head_dim=int(sys.argv[2]), batch=4)
+launches, why = static_gate.capture_case(case)
+assert why is None, why
+specs = {launch.key: asdict(launch) for launch in launches}
+print(json.dumps([dict(kernel=s["kernel"], **static_gate.compile_spec(s, int(sys.argv[3]))) for s in specs.values()]))
+"""
+
+
+@needs_triton
+def test_head_dim_72_compiles_to_vector_loads(tmp_path):
+    """Head dim 72 (ViT-g-14's 88 and bigG's 104 likewise) has row strides that are not multiples of 16, which Triton
+    cannot see; the ALIGN hint must keep 16-byte loads (cp.async) instead of scalar 16-bit loads. Compiled for sm_80 as
+    the vision block's real launches specialise (static gate capture), ptxas included."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SPECIALISED_COMPILE, "bf16", "72", "80"], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["kernel"].rsplit(":", 1)[-1] for r in rows} >= {"_prompt_attn_fwd_kernel", "_prompt_attn_bwd_kernel"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["scalar16_loads"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r
+        if r["dots"]:
+            assert r["mma_sync"] > 0 and r["fma_dots"] == 0 and r["cp_async"] > 0, r
 
 
 def test_tiles_minimise_padding_and_meet_the_work_target():
