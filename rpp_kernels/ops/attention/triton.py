@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rpp_kernels.ops._triton import dot_precision
+from rpp_kernels.ops._triton import dot_precision, num_sms
 from rpp_kernels.ops.attention import packed_slots
 
 LOG2E = 1.4426950408889634
@@ -582,9 +582,7 @@ def prefix_splits(batch: int, heads: int, device: torch.device) -> int:
 
     More slices fill the GPU; fewer keep the fp32 ``[S, H, P, D]`` partial (and its final sum) small.
     """
-    # Off CUDA (the interpreter, or a launch captured for the static report) assume an H100's 132 SMs.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(batch, math.ceil(4 * sms / max(1, heads))))
+    return max(1, min(batch, math.ceil(4 * num_sms(device) / max(1, heads))))
 
 
 def prompt_attention_bwd(
