@@ -174,35 +174,46 @@ def _attn_bwd(v: View) -> Work:
 
 
 # --------------------------------------------------------------------------------------------------- KD kernels
-def _kd_teacher_bytes(v: View, full_only: bool) -> int:
-    teacher = v.c["TEACHER"]
-    if full_only and not v.c["FULL"]:
-        return 0
-    if teacher == 1:
-        return v.nbytes("t_ptr")
-    if teacher == 2:
-        return v.nbytes("tf_ptr", "tce_ptr")
-    return 0
+def _kd_pad(v: View, dim: str, block: str) -> int:
+    return cdiv(_arg(v, dim), v.c[block]) * v.c[block]
+
+
+def _kd_full_teacher(v: View) -> tuple[int, int]:
+    """(bytes, padded Et) of the full teacher a fwd/ds launch reads: 1 logits, 2 feats (a tl.dot over Et)."""
+    full = v.c["FULL"]
+    if full == 1:
+        return v.nbytes("t_ptr"), 0
+    if full == 2:
+        return v.nbytes("tf_ptr", "tce_ptr"), _kd_pad(v, "ET", "BLOCK_ET")
+    return 0, 0
 
 
 @describe("_kd_fwd_kernel", {"_kd_fwd_kernel": 0, "_logits_tile": 1})
 def _kd_fwd(v: View) -> Work:
+    # Grid (row blocks, class splits): every row block visits every class tile once, whatever the split.
     bb, bc = v.c["BLOCK_B"], v.c["BLOCK_C"]
-    ctas, n_c = v.grid[0], cdiv(_arg(v, "C"), bc)
-    e_pad = cdiv(_arg(v, "E"), v.c["BLOCK_E"]) * v.c["BLOCK_E"] if v.c["NEED_S"] else 0
-    et_pad = cdiv(_arg(v, "ET"), v.c["BLOCK_ET"]) * v.c["BLOCK_ET"] if v.c["TEACHER"] == 2 else 0
-    elem = v.elem("sf_ptr")
-    streamed = ctas * n_c * (bb + bc) * (e_pad + et_pad) * elem
-    if v.c["TEACHER"] == 1:
-        streamed += v.nbytes("t_ptr")
-    outs = v.nbytes("lse_u_ptr", "lse_1_ptr", "lse_w_ptr", "ewd_ptr", "keys_ptr")
+    tiles = v.grid[0] * cdiv(_arg(v, "C"), bc)
+    teacher_bytes, et_pad = _kd_full_teacher(v)
+    k_total = _kd_pad(v, "E", "BLOCK_E") + et_pad
+    outs = v.nbytes("part_ptr")
+    streamed = tiles * (bb + bc) * k_total * v.elem("sf_ptr") + outs
+    if v.c["FULL"] == 1:
+        streamed += teacher_bytes
     return Work(
         "kd-fwd",
-        ctas * n_c * 2 * bb * bc * (e_pad + et_pad),
-        v.nbytes("sf_ptr", "ce_ptr") + _kd_teacher_bytes(v, full_only=False) + outs,
-        streamed + outs,
+        tiles * 2 * bb * bc * k_total,
+        v.nbytes("sf_ptr", "ce_ptr", "mask_ptr") + teacher_bytes + outs,
+        streamed,
         _precision(v, "sf_ptr", "PRECISION"),
     )
+
+
+@describe("_kd_topk_kernel", {"_kd_topk_kernel": 0})
+def _kd_topk(v: View) -> Work:
+    # Reads one [B, NC] chunk of teacher logits (given, or from a cuBLAS matmul: see useful_flops' kd-cublas).
+    elem = v.elem("t_ptr")
+    both = _arg(v, "B") * _arg(v, "NC") * elem + v.nbytes("keys_ptr")
+    return Work("kd-fwd", 0, both, both, "ieee")
 
 
 @describe("_kd_gather_kernel", {"_kd_gather_kernel": 0})
@@ -212,35 +223,37 @@ def _kd_gather(v: View) -> Work:
     return Work("kd-fwd", 0, v.nbytes("sf_ptr", "idx_ptr", "out_ptr") + gathered, gathered, "ieee")
 
 
-def _kd_bwd(v: View, ctas: int, trips: int, out: str) -> Work:
-    bb, bc, e_pad, et_pad = v.c["BLOCK_B"], v.c["BLOCK_C"], v.c["E_PAD"], v.c["ET_PAD"]
-    teacher_dot = et_pad if (v.c["TEACHER"] == 2 and v.c["FULL"]) else 0
-    elem = v.elem("sf_ptr")
-    streamed = ctas * trips * (bb + bc) * (e_pad + teacher_dot) * elem + v.nbytes(out)
+@describe("_kd_bwd_ds_kernel", {"_kd_bwd_ds_kernel": 0, "_logits_tile": 1})
+def _kd_ds(v: View) -> Work:
+    # Grid (row blocks, class tiles of the chunk): recomputes s (and a full feats teacher's t) once per tile and writes
+    # ds; the two gradient matmuls on ds run on cuBLAS (useful_flops' kd-cublas).
+    bb, bc = v.c["BLOCK_B"], v.c["BLOCK_C"]
+    ctas = v.grid[0] * v.grid[1]
+    teacher_bytes, et_pad = _kd_full_teacher(v)
+    k_total = _kd_pad(v, "E", "BLOCK_E") + et_pad
+    streamed = ctas * (bb + bc) * k_total * v.elem("sf_ptr") + v.nbytes("ds_ptr")
     return Work(
         "kd-bwd",
-        ctas * trips * 2 * bb * bc * (2 * e_pad + teacher_dot),
-        v.nbytes("sf_ptr", "ce_ptr", "coef_ptr", out) + _kd_teacher_bytes(v, full_only=True),
+        ctas * 2 * bb * bc * k_total,
+        v.nbytes("sf_ptr", "ce_ptr", "coef_ptr", "ds_ptr", "mask_ptr") + teacher_bytes,
         streamed,
         _precision(v, "sf_ptr", "PRECISION"),
     )
 
 
-@describe("_kd_bwd_dx_kernel", {"_kd_bwd_dx_kernel": 1, "_dense_ds": 2})
-def _kd_dx(v: View) -> Work:
-    return _kd_bwd(v, v.grid[0], cdiv(_arg(v, "C"), v.c["BLOCK_C"]), "dx_ptr")
-
-
-@describe("_kd_bwd_dw_kernel", {"_kd_bwd_dw_kernel": 1, "_dense_ds": 2})
-def _kd_dw(v: View) -> Work:
-    return _kd_bwd(v, v.grid[0], cdiv(_arg(v, "B"), v.c["BLOCK_B"]), "dw_ptr")
-
-
-@describe("_kd_bwd_sparse_kernel", {"_kd_bwd_sparse_kernel": 0})
-def _kd_sparse(v: View) -> Work:
+@describe("_kd_bwd_sparse_dx_kernel", {"_kd_bwd_sparse_dx_kernel": 0})
+def _kd_sparse_dx(v: View) -> Work:
     rows, j = v.grid[0], _arg(v, "J")
-    moved = rows * j * _arg(v, "E") * (v.elem("ce_ptr") + 4 + 4)  # gather the embeddings, atomic read+write fp32 dw
-    return Work("kd-bwd", 0, v.nbytes("sf_ptr", "idx_ptr", "coef_ptr", "dx_ptr") + moved, moved, "ieee")
+    moved = rows * j * _arg(v, "E") * v.elem("ce_ptr")  # gathered class embeddings
+    return Work("kd-bwd", 0, v.nbytes("idx_ptr", "coef_ptr") + 2 * v.nbytes("dx_ptr") + moved, moved, "ieee")
+
+
+@describe("_kd_bwd_sparse_dw_kernel", {"_kd_bwd_sparse_dw_kernel": 0})
+def _kd_sparse_dw(v: View) -> Work:
+    # One program per class over its slots (CSR): B * J gathered feature rows, each touched class row read + written.
+    slots = v.t["src_ptr"]["shape"][0]
+    moved = slots * _arg(v, "E") * (v.elem("sf_ptr") + 2 * 4)
+    return Work("kd-bwd", 0, v.nbytes("start_ptr", "src_ptr", "coef_ptr") + moved, moved, "ieee")
 
 
 # ------------------------------------------------------------------------------------------------- useful work
@@ -260,28 +273,36 @@ def useful_flops(op: str, p: dict) -> dict[str, float]:
         b, n, embed = p["batch"], p["n_tokens"], p["heads"] * p["head_dim"]
         return {"qkv-fwd": 2 * b * n * embed * 3 * embed}
     if op == "kd":
+        # Triton passes: student logits forward and their recompute in backward, plus a full feats teacher's logits in
+        # both (fused). cuBLAS (no Triton launch): a top-k feats teacher's logits and the two gradient matmuls on ds.
         b, c, e = p["batch"], p["classes"], p["embed"]
         teacher = 2 * b * c * p["teacher_embed"] if p["form"] == "feats" else 0
-        return {"kd-fwd": 2 * b * c * e + teacher, "kd-bwd": 2 * (2 * b * c * e)}
+        fused = teacher if p["k"] is None else 0
+        return {
+            "kd-fwd": 2 * b * c * e + fused,
+            "kd-bwd": 2 * b * c * e + fused,
+            "kd-cublas": teacher - fused + 2 * (2 * b * c * e),
+        }
     raise ValueError(f"unknown op {op!r}")
 
 
 # --------------------------------------------------------------------------------------------------- the model
-def _static_occupancy(path: Path) -> dict[str, int]:
-    """specialisation key -> CTAs per SM from the committed sm_90 static table (when present)."""
+def _static_rows(path: Path) -> dict[str, dict]:
+    """specialisation key -> its row of the committed sm_90 static table (CTAs per SM, wgmma count), when present."""
     if not path.exists():
         return {}
-    return {row["key"]: row.get("ctas_per_sm") for row in json.loads(path.read_text())["launches"]}
+    return {row["key"]: row for row in json.loads(path.read_text())["launches"]}
 
 
-def model_launch(launch: dict, occupancy: dict[str, int]) -> dict:
+def model_launch(launch: dict, static: dict[str, dict]) -> dict:
     name = launch["kernel"].rsplit(":", 1)[-1]
     if name not in KERNELS:
         raise KeyError(f"no work description for kernel {name}: add one to bench/model.py")
     v = View(name, tuple(launch["grid"]), launch["constexprs"], launch["scalars"], launch["tensors"])
     w = KERNELS[name](v)
     ctas = v.grid[0] * v.grid[1] * v.grid[2]
-    occ = occupancy.get(launch["key"])
+    row = static.get(launch["key"], {})
+    occ = row.get("ctas_per_sm")
     per_wave = H100["sms"] * (occ or 1)
     peak = PEAK_FLOPS[w.precision]
     t_mma = cdiv(ctas, H100["sms"]) * (w.mma_flops / max(ctas, 1)) / (peak / H100["sms"]) if ctas else 0.0
@@ -299,11 +320,12 @@ def model_launch(launch: dict, occupancy: dict[str, int]) -> dict:
         "streamed_bytes": w.streamed_bytes,
         "precision": w.precision,
         "bound_us": round(max(t_mma, t_mem) * 1e6, 3),
+        "wgmma_sm90": row.get("wgmma"),  # from the static table when it holds this specialisation, else None
     }
 
 
-def model_case(label: str, op: str, params: dict, launches: list[dict], occupancy: dict[str, int]) -> dict:
-    rows = [model_launch(launch, occupancy) for launch in launches]
+def model_case(label: str, op: str, params: dict, launches: list[dict], static: dict[str, dict]) -> dict:
+    rows = [model_launch(launch, static) for launch in launches]
     useful = useful_flops(op, params)
     families = {}
     for fam in dict.fromkeys([r["family"] for r in rows] + list(useful)):
@@ -322,9 +344,12 @@ def model_case(label: str, op: str, params: dict, launches: list[dict], occupanc
             if mine
             else None,
             "min_ctas": min((r["ctas"] for r in mine if r["mma_flops"]), default=None),
-            "bound_us": round(sum(r["bound_us"] for r in mine), 3),
+            # A pass with no Triton launch (cuBLAS) is modelled at peak on its useful FLOPs.
+            "bound_us": round(sum(r["bound_us"] for r in mine), 3)
+            if mine
+            else round(useful.get(fam, 0) / PEAK_FLOPS["16-bit"] * 1e6, 3),
             "useful_bound_us": round(useful.get(fam, 0) / PEAK_FLOPS["16-bit"] * 1e6, 3),
-            "note": None if mine else "no Triton launch (torch/cuBLAS path)",
+            "note": None if mine else "no Triton launch (torch/cuBLAS path): bound_us is its useful FLOPs at peak",
         }
     return {"case": label, "op": op, "params": params, "families": families, "launches": rows}
 
@@ -364,7 +389,7 @@ def run(only: str | None = None, static_table: Path | None = None) -> dict[str, 
     """Capture the gate's cases and model them; ``{op: document}``."""
     from rpp_kernels.tools import gate_cases, static_gate
 
-    occupancy = _static_occupancy(static_table or ROOT / "bench/results/static/sm_90.json")
+    static = _static_rows(static_table or ROOT / "bench/results/static/sm_90.json")
     docs: dict[str, dict] = {}
     for case in gate_cases.cases():
         if case.group != "core" or (only and only not in case.label):
@@ -386,8 +411,64 @@ def run(only: str | None = None, static_table: Path | None = None) -> dict[str, 
             if ident not in seen:
                 seen.add(ident)
                 unique.append(d)
-        doc["cases"].append(model_case(case.label, case.op, case.params, unique, occupancy))
+        doc["cases"].append(model_case(case.label, case.op, case.params, unique, static))
     return docs
+
+
+def _case(docs: dict[str, dict], op: str, label: str) -> dict | None:
+    return next((c for c in docs.get(op, {}).get("cases", []) if c["case"] == label), None)
+
+
+def matmul_bound_us(p: dict, elem: int = 2) -> float:
+    """KD's floor: its matmuls (logits; teacher logits for a feats teacher; dX; dW) each at peak or reading/writing its
+    operands once, whichever is slower (what cuBLAS chunks could reach)."""
+    b, c, e, et = p["batch"], p["classes"], p["embed"], p["teacher_embed"]
+    mms = [(2 * b * c * e, (b * e + c * e) * elem), (2 * b * c * e, (c * e + b * e) * elem)]  # logits, dX
+    mms.append((2 * b * c * e, (b * e + 2 * c * e) * elem))  # dW: read feats, write [C, E]
+    if p["form"] == "feats":
+        mms.append((2 * b * c * et, (b * et + c * et) * elem))
+    return sum(max(f / PEAK_FLOPS["16-bit"], by / H100["hbm_bytes_per_s"]) for f, by in mms) * 1e6
+
+
+def targets(docs: dict[str, dict]) -> list[dict]:
+    """Issue 11's modelled targets, each with the model's value (not measured)."""
+    out = []
+    attn = _case(docs, "attention", "attention vit-b16 P=16 bf16")
+    if attn:
+        fam = attn["families"]
+        executed = sum(fam[f]["mma_flops_executed"] for f in ("attention-fwd", "attention-bwd") if f in fam)
+        useful = sum(fam[f]["mma_flops_useful"] for f in ("attention-fwd", "attention-bwd") if f in fam)
+        ratio = executed / useful if useful else None
+        out.append(dict(target="attention fwd+bwd ViT-B/16 P=16 bf16: executed/useful MMA FLOPs <= 1.3", value=ratio,
+                        met=ratio is not None and ratio <= 1.3))  # fmt: skip
+    kd = _case(docs, "kd", "kd E=512 Et=768 feats k=100 bf16")
+    if kd:
+        main = [r for r in kd["launches"] if r["mma_flops"]]
+        fewest = min((r["ctas"] for r in main), default=None)
+        out.append(dict(target="KD B=256 C=21841 E=512 Et=768 k=100: >= 264 CTAs in every main (MMA) launch",
+                        value=fewest, met=fewest is not None and fewest >= 264))  # fmt: skip
+        bound = sum(f["bound_us"] for f in kd["families"].values())
+        ratio = bound / matmul_bound_us(kd["params"])
+        out.append(
+            dict(target="KD same shape: modelled time <= 1.5x the matmuls' bound", value=ratio, met=ratio <= 1.5)
+        )
+        wg = [r["wgmma_sm90"] for r in main]
+        known = None not in wg and bool(wg)
+        note = None if known else "the sm_90 static table lacks these launches"
+        target = "KD same shape: wgmma on sm_90 in every main launch (static table)"
+        out.append(dict(target=target, value=wg, met=known and all(wg), note=note))
+    qkv = _case(docs, "prompt_qkv", "prompt_qkv vit-b16 bf16")
+    if qkv:
+        fam = qkv["families"].get("qkv-fwd", {})
+        ratio = fam.get("streamed_over_min")
+        note = (
+            "no Triton launch: F.linear (cuBLAS) + views, traffic minimal by construction"
+            if not fam.get("launches")
+            else None
+        )
+        out.append(dict(target="prompt_qkv ViT-B/16 bf16: modelled HBM traffic <= 1.5x its minimum", value=ratio,
+                        met=True if note else ratio is not None and ratio <= 1.5, note=note))  # fmt: skip
+    return out
 
 
 def summary(docs: dict[str, dict]) -> str:
@@ -421,10 +502,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     docs = run(args.only, Path(args.static) if args.static else None)
     print(summary(docs))
+    goals = targets(docs)
+    for t in goals:
+        value = t["value"] if not isinstance(t["value"], float) else round(t["value"], 3)
+        print(
+            f"{'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {value}"
+            + (f" ({t['note']})" if t.get("note") else "")
+        )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for op, doc in docs.items():
             (Path(args.out) / f"{op}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (Path(args.out) / "targets.json").write_text(json.dumps({"label": LABEL, "targets": goals}, indent=1) + "\n")
     return 0
 
 

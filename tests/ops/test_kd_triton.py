@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kd_helpers import Case, check_against_reference
+from test_kd_helpers import Case, check_against_reference, make_inputs
 
 from rpp_kernels.kd import topk_kd_loss
 from rpp_kernels.ops.kd import make_problem
@@ -101,3 +101,61 @@ def test_triton_is_not_chosen_on_cpu_unless_forced():
     topk_kd_loss(sf, ce, t, k=5, backend="triton")  # forced: runs through the interpreter
     with pytest.raises(NotImplementedError, match="k=200 > 128"):
         topk_kd_loss(torch.randn(2, 16), torch.randn(300, 16), torch.randn(2, 300), k=200, backend="triton")
+
+
+def test_triton_kd_kernels_use_no_atomics():
+    """Both gradients must be deterministic under ``torch.use_deterministic_algorithms``: the class-embedding gradient
+    used fp32 ``tl.atomic_add`` (summation order varies run to run on a GPU; the interpreter serialises it, so only
+    the source shows it)."""
+    import ast
+    import inspect
+
+    from rpp_kernels.ops.kd import triton as kd_triton
+
+    tree = ast.parse(inspect.getsource(kd_triton))
+    atomics = [
+        ast.unparse(node.func)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("atomic")
+    ]
+    assert not atomics, f"atomics in the KD kernels: {atomics}"
+
+
+def test_triton_deterministic_mode_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms the triton backend runs (no op raises) and repeats itself bitwise;
+    classes shared by many rows' top-k and labels exercise the class-embedding gradient's per-class sums."""
+    case = Case(7, 300, 5, form="logits", labels=True, ties=True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            sf, ce, teacher, kw = make_inputs(case, device=DEVICE)
+            loss = topk_kd_loss(sf, ce, teacher, backend="triton", **kw)
+            grads.append(torch.autograd.grad(loss, [sf, ce]))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_triton_teacher_rows_beyond_int32_offsets():
+    """Row offsets are int64: with ``B * C >= 2^31`` the teacher's row ``r`` starts at ``r * C`` past int32 (both
+    factors fit int32, their product does not). Rows here are 2^27 elements apart (a strided view; 4 GiB of address
+    space of which only the 128 logits used per row are touched), so row 16 sits at 2^31."""
+    stride, rows, cols = 2**27, 17, 128
+    try:
+        buf = torch.empty(rows * stride, dtype=torch.float16)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot reserve 4 GiB of address space here: {exc}")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, cols, generator=g).half()
+    t = buf.as_strided((rows, cols), (stride, 1))
+    t.copy_(logits)
+    sf, ce = torch.zeros(rows, 16, dtype=torch.float16), torch.zeros(cols, 16, dtype=torch.float16)
+    p = make_problem(sf, ce, t, 3, 1.0, 1.0, None, 1.0, 0.0, None, "topk", "mean")
+    from rpp_kernels.ops.kd import triton as kd_triton
+
+    got = kd_triton.stream(p)
+    want_val, want_idx = torch.sort(logits.float(), dim=1, descending=True, stable=True)
+    assert torch.equal(got.top_idx, want_idx[:, :3]) and torch.equal(got.top_val, want_val[:, :3])

@@ -218,3 +218,14 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
         slot_idx.append(p.labels[:, None])
         slot_coef.append(torch.full((B, 1), -p.ce_weight, device=dev, dtype=p.acc_dtype))
     return Epilogue(rows, torch.cat(slot_coef, 1), torch.cat(slot_idx, 1), a_u, a_1, lse_w_bwd)
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (fp64 for fp64). On CUDA, fp16/bf16 operands stay half and run on
+    tensor cores with fp32 accumulation and an fp32 output (cuBLAS, ``out_dtype``); upcasting them first would run an
+    fp32 GEMM (SIMT, or TF32 when allowed) and read twice the bytes. Elsewhere (CPU, the interpreter) both are upcast.
+    """
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.to(acc) @ b.to(acc)
