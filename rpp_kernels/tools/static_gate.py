@@ -67,6 +67,7 @@ class Launch:
     options: dict[str, object]  # num_warps, num_stages, ...
     tensors: dict[str, dict]  # pointer argument -> {shape, dtype, bytes, ptr} (a stand-in repeats another's ptr)
     scalars: dict[str, object]  # non-constexpr int/float arguments
+    specialised: list[str] = field(default_factory=list)  # arguments the launch turned into constants (== 1, None)
     key: str = ""
 
     @property
@@ -97,7 +98,7 @@ def _record(fn, args: tuple, kwargs: dict, grid, case: str) -> Launch:
     bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in fn.arg_names})
     bound.apply_defaults()
     options = {k: _jsonable(v) for k, v in kwargs.items() if k not in fn.arg_names}
-    signature, constexprs, divisible, tensors, scalars = {}, {}, [], {}, {}
+    signature, constexprs, divisible, tensors, scalars, specialised = {}, {}, [], {}, {}, []
     for param in fn.params:
         value = bound.arguments[param.name]
         if param.is_constexpr:
@@ -112,6 +113,7 @@ def _record(fn, args: tuple, kwargs: dict, grid, case: str) -> Launch:
         signature[param.name] = ty
         if ty == "constexpr":
             constexprs[param.name] = _jsonable(value)
+            specialised.append(param.name)
         if attr == "D":
             divisible.append(param.name)
         if isinstance(value, torch.Tensor):
@@ -127,7 +129,7 @@ def _record(fn, args: tuple, kwargs: dict, grid, case: str) -> Launch:
         grid = grid(dict(bound.arguments))
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     kernel = f"{fn.module}:{fn.fn.__qualname__}"
-    launch = Launch(case, kernel, grid, signature, constexprs, divisible, options, tensors, scalars)
+    launch = Launch(case, kernel, grid, signature, constexprs, divisible, options, tensors, scalars, specialised)
     # fn.cache_key hashes the kernel's source and that of every JIT function it calls: an edited kernel is a new key.
     launch.key = _spec_key(kernel, fn.cache_key, signature, constexprs, divisible, options)
     return launch
@@ -485,6 +487,45 @@ def write_tables(report: Report, out_dir: str | os.PathLike) -> list[Path]:
     return out
 
 
+README_CASES = (
+    "attention vit-b16 P=16 bf16",
+    "attention vit-b16 P=16 fp32",
+    "attention vit-l14 P=16 bf16",
+    "attention vit-b16 P=16 D=80 bf16",
+    "attention text-suffix bf16",
+    "attention text-suffix-21k-eval bf16",
+    "kd E=512 Et=768 feats k=100 bf16",
+    "kd E=1024 Et=1024 feats k=None bf16",
+)
+
+
+def markdown(tables_dir: str | os.PathLike, labels: Iterable[str] = README_CASES) -> str:
+    """The README's short version of ``sm_80.json`` + ``sm_90.json``: one row per (case, kernel) of ``labels``."""
+    tables = {a: json.loads(Path(tables_dir, f"sm_{a}.json").read_text()) for a in ARCHS}
+    by_arch = {a: {(r["case"], r["kernel"], tuple(r["grid"])): r for r in t["launches"]} for a, t in tables.items()}
+    lines = [
+        "| case | kernel | CTAs | sm_80 regs / spill / smem / mma.sync | sm_90 regs / spill / smem / wgmma | gate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        for ident, r80 in by_arch[80].items():
+            if ident[0] != label:
+                continue
+            r90 = by_arch[90].get(ident, {})
+
+            def cell(r, mma):
+                if not r or "error" in r:
+                    return "compile error" if r else "-"
+                return f"{r['registers']} / {r['spill_stores']} / {r['shared']:,} / {r[mma] if r['dots'] else '.'}"
+
+            bad = sorted(set(r80["violations"]) | set(r90.get("violations", [])))
+            lines.append(
+                f"| {label} | `{ident[1]}` | {r80['ctas']:,} | {cell(r80, 'mma_sync')} | {cell(r90, 'wgmma')} | "
+                f"{', '.join(bad) or 'ok'} |"
+            )
+    return "\n".join(lines)
+
+
 def _reexec_without_interpreter(argv: list[str], module: str) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -510,7 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", default=None, help="write sm_<arch>.json tables into this directory")
     parser.add_argument("--known", default=None, help="known-violations file: report new and stale entries")
     parser.add_argument("--quiet", action="store_true", help="print only the violations")
+    parser.add_argument("--markdown", default=None, help="print the README table from this tables directory; exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     try:
         archs = tuple(int(a) for a in args.arch.split(","))
         if not set(archs) <= set(SHARED_LIMIT):
