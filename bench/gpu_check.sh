@@ -36,11 +36,17 @@ while [[ $# -gt 0 ]]; do
 done
 
 START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-470}  # the whole call, install included, stays under 8 minutes
 STATUS=0
 declare -a STAGES=()
-stage() {  # stage NAME TIMEOUT_S CMD...: run one stage under a time limit, remember its outcome
+stage() {  # stage NAME TIMEOUT_S CMD...: run one stage under min(its limit, what is left of the budget)
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s) rc
+  local left=$(( BUDGET - (t0 - START) ))
+  if (( left < 15 )); then
+    STAGES+=("$name|SKIPPED (no time left)|0s"); STATUS=1; return
+  fi
+  (( limit > left )) && limit=$left
   echo "=== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@"
   rc=$?
@@ -54,6 +60,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run one stage under a time limit, reme
 }
 
 if [[ $DRY == 1 ]]; then
+  BUDGET=${GPU_CHECK_BUDGET_S:-1200}  # CPU: the import-heavy stages are slower than on the GPU box
   OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
   export RPP_KERNELS_BACKEND=torch
   stage "versions" 180 "$PY" -m rpp_kernels.info
@@ -70,20 +77,20 @@ else
       "$PY" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
     done
     if (( ${#missing[@]} )); then
-      stage "wheels: ${missing[*]}" 120 "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${missing[@]}"
+      stage "wheels: ${missing[*]}" 60 "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${missing[@]}"
     fi
   else
     echo "no wheel directory $WHEELS: assuming the box already has the project's Python dependencies"
   fi
-  stage "install" 180 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-  stage "versions" 60 "$PY" -m rpp_kernels.info
+  stage "install" 100 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  stage "versions" 30 "$PY" -m rpp_kernels.info
   OUT=bench/results/$("$PY" -c 'import sys; sys.path.insert(0, "bench"); import benchutil; print(benchutil.device_tag())')
   mkdir -p "$OUT"
-  stage "gpu tests" 150 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
-  stage "op benchmarks" 150 "$PY" -m pytest bench/test_bench_attention.py bench/test_bench_kd.py -q -k "not compile" \
+  stage "gpu tests" 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+  stage "op benchmarks" 120 "$PY" -m pytest bench/test_bench_attention.py bench/test_bench_kd.py -q -k "not compile" \
     -p no:cacheprovider --benchmark-disable-gc
-  stage "work model" 60 "$PY" bench/model.py --out "$OUT/model"
-  stage "measure vs model" 90 "$PY" bench/gpu_check.py --out "$OUT"
+  stage "work model" 40 "$PY" bench/model.py --out "$OUT/model"
+  stage "measure vs model" 60 "$PY" bench/gpu_check.py --out "$OUT"
 fi
 
 echo
