@@ -384,3 +384,11 @@ def test_vision_prompts_carried_after_the_last_prompted_layer_by_default():
     assert not make(vision_prompts=2, vision_depth=1).vision_prompts.carry
     dropped.load_prompt_state_dict(carried.prompt_state_dict())  # same prompts, different semantics
     assert not torch.allclose(carried.image_features(images), dropped.image_features(images))
+
+
+def test_missing_weights_is_a_one_line_cli_error(tmp_path, capsys):
+    from rpp.train import main
+
+    assert main(["--model", "ViT-B-16", "--output", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("rpp.train: error: --pretrained: no weights file for model 'ViT-B-16'")
