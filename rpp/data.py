@@ -316,7 +316,7 @@ class EpochBatchSampler:
         total = math.ceil(self.n / self.world) * self.world
         if total > self.n:
             order = torch.cat([order, order.repeat(math.ceil((total - self.n) / self.n))[: total - self.n]])
-        return order[self.rank : total : self.world]
+        return order[self.rank : total : self.world].clone()  # not a view: the full permutation is freed
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, batch = divmod(self.start, self.batches_per_epoch)
