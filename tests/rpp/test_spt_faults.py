@@ -234,3 +234,25 @@ def test_second_signal_ends_at_once_with_its_workers():
             break
         time.sleep(0.1)
     assert not _alive(worker)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_image(tmp_path):
+    """What makes resume exact with augmentation: the same (epoch, image) key gives the same crop, in the main process
+    or in any data worker, and the global RNG is left alone."""
+    from torch.utils.data import DataLoader
+
+    from rpp.spt import data as spt_data
+
+    paths = []
+    for i in range(4):
+        Image.effect_noise((40, 30), 60 + 10 * i).convert("RGB").save(tmp_path / f"{i}.png")
+        paths.append((str(tmp_path / f"{i}.png"), i % 2))
+    train_t, _ = spt_data.build_transforms("fgvc", 16, (0.5,) * 3, (0.5,) * 3)
+    dataset = spt_data.SPTDataset(spt_data.FileSource(paths), train_t, seed=3, substitute=True)
+    keys = [(epoch, i) for epoch in range(2) for i in range(4)]
+    rng = torch.get_rng_state()
+    direct = torch.stack([dataset[k][0] for k in keys])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not torch.equal(direct[0], direct[4])  # another epoch, another crop
+    loader = DataLoader(dataset, batch_size=3, sampler=keys, num_workers=2, collate_fn=spt_data.collate)
+    torch.testing.assert_close(torch.cat([images for images, _, _ in loader]), direct, rtol=0, atol=0)
