@@ -235,7 +235,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(
-    classes: list[type], prog: str, description: str, defaults: dict | None = None, tool: str | None = None
+    classes: list[type],
+    prog: str,
+    description: str,
+    defaults: dict | None = None,
+    tool: str | None = None,
+    recipe_from: str | None = None,
 ) -> _Parser:
     """argparse parser with one option per dataclass field; values stay unset (SUPPRESS) unless given. With ``tool``
     (e.g. ``"rpp.train"``) it also takes ``--recipe NAME`` and ``--print-config`` (see :mod:`rpp.recipes`)."""
@@ -252,7 +257,8 @@ def build_parser(
             "--recipe",
             metavar="NAME",
             help="start from a published recipe shipped in rpp/recipes (then --config, then command-line options "
-            f"override it): {', '.join(list_recipes(tool)) or 'none'}",
+            f"override it): {', '.join(list_recipes(recipe_from or tool)) or 'none'}"
+            + (f" (recipes of python -m {recipe_from}: the options this command has)" if recipe_from else ""),
         )
         parser.add_argument(
             "--print-config",
@@ -307,11 +313,13 @@ def parse(
     description: str,
     defaults: dict[str, Any] | None = None,
     tool: str | None = None,
+    recipe_from: str | None = None,
 ) -> list[Any]:
     """Instances of `classes` from defaults < `defaults` < `--recipe` < YAML `--config` < CLI options, all
     type-checked. With ``tool``, ``--recipe NAME`` loads that tool's recipe and ``--print-config`` prints the
-    resolved options as YAML and exits (SystemExit(0), like ``--help``)."""
-    parser = build_parser(classes, prog, description, defaults, tool)
+    resolved options as YAML and exits (SystemExit(0), like ``--help``). ``recipe_from``: take the recipes of that
+    tool instead (e.g. rpp.teacher_cache uses rpp.train's), keeping only the options this command has."""
+    parser = build_parser(classes, prog, description, defaults, tool, recipe_from)
     ns = parser.parse_args(argv)
     fields = _fields(classes)
     values: dict[str, Any] = dict(defaults or {})
@@ -319,7 +327,9 @@ def parse(
     if recipe is not None:
         from rpp.recipes import load_recipe
 
-        for key, value in load_recipe(recipe, tool).items():
+        for key, value in load_recipe(recipe, recipe_from or tool).items():
+            if key not in fields and recipe_from is not None:
+                continue
             if key not in fields:
                 raise UserError(f"--recipe {recipe}: unknown option {key!r} for python -m {tool}")
             values[key] = value

@@ -523,7 +523,8 @@ def run(argv: list[str] | None = None) -> int:
     from rpp.method import MethodConfig, RPPMethod, register_tiny_models
 
     cfg, mcfg = parse([CacheConfig, MethodConfig], argv, prog="python -m rpp.teacher_cache",
-                      description=__doc__.split("\n\n")[0])  # fmt: skip
+                      description=__doc__.split("\n\n")[0], tool="rpp.teacher_cache",
+                      recipe_from="rpp.train")  # fmt: skip
     if cfg.topk is None:
         if mcfg.kd_topk is None:
             raise UserError("--topk: a cache stores a top-k; give --topk (or --kd-topk) when --kd-topk is none")

@@ -81,3 +81,12 @@ def test_constant_warmup_then_cosine():
     assert [factor(s) for s in range(3)] == [0.005] * 3
     assert factor(3) == 1.0 and factor(8) == pytest.approx(0.5) and factor(13) == pytest.approx(0.0)
     assert lr_lambda(3, 13)(0) == 0.25  # linear warmup stays the default
+
+
+def test_teacher_cache_takes_the_training_recipe_options_it_has(capsys):
+    from rpp.teacher_cache import CacheConfig
+
+    cfg, mcfg = config.parse([CacheConfig, MethodConfig], ["--recipe", "rpp-in21k", "--augmented"], "p", "",
+                             tool="rpp.teacher_cache", recipe_from="rpp.train")  # fmt: skip
+    assert (cfg.views, cfg.epochs, cfg.shots, cfg.shots_seed, cfg.seed) == (4, 5, 16, 42, 42)  # the run's views
+    assert (mcfg.teacher, mcfg.kd_topk, mcfg.augment) == ("ViT-L-14", 100, "pomp") and cfg.topk is None  # k = 100
