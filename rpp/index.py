@@ -60,6 +60,7 @@ LAYOUTS = ("imagefolder", "imagenet21k")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 SYNSET = re.compile(r"^n\d{8}$")
 MAX_LABEL_BYTES = 256
+MAX_CLASS_IDS = 1 << 24  # class ids of a file list: a larger id is a mistake, not 16M+ classes
 
 
 class ImageIndex:
@@ -363,12 +364,15 @@ def _last_before(positions: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.where(k >= 0, positions[np.maximum(k, 0)] if len(positions) else -1, -1)
 
 
-def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageIndex:
+def parse_file_list(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, *, progress: bool = False
+) -> ImageIndex:
     """An index from a file list: `relative/path<TAB>label` per line (see the module docstring), in file order.
 
     Blank lines are skipped; CRLF line ends and surrounding blanks are accepted. Labels that are all integers are
     class ids; otherwise each distinct label is a class name. A line without a separator, path or label, or with an
-    absolute path, is a UserError naming the line.
+    absolute path, is a UserError naming the line. With `progress`, a bar over the parse's stages (about 40 s at
+    13.2M lines on a loaded 2-core machine).
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -377,7 +381,16 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     if not os.path.isdir(root):
         raise UserError(f"--root {root} is not a directory")
     st = os.stat(path)
+    bar = tqdm(total=6, desc=f"parsing {path}", unit="stage", disable=not progress, dynamic_ncols=True, delay=1)
+    try:
+        return _parse(path, root, st, bar)
+    finally:
+        bar.close()
+
+
+def _parse(path: str, root: str, st: os.stat_result, bar: tqdm) -> ImageIndex:
     buf = np.fromfile(path, dtype=np.uint8)
+    bar.update(1)
     nl = np.flatnonzero(buf == ord("\n"))
     ends = np.append(nl, len(buf)) if len(buf) and buf[-1] != ord("\n") else nl
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
@@ -390,6 +403,7 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     starts, ends, line_numbers = starts[keep], ends[keep], line_numbers[keep]
     if not len(starts):
         raise UserError(f"file list {path} lists no images")
+    bar.update(1)
     sep = _last_before(np.flatnonzero(buf == ord("\t")), ends)
     no_tab = sep < starts
     if no_tab.any():  # a space separates the lines without a tab
@@ -400,6 +414,7 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     label_starts, ends = _strip(buf, blank, sep + 1, ends)
     lengths = ends - label_starts
     _check(path, buf, starts, line_numbers, lengths > MAX_LABEL_BYTES, f"label longer than {MAX_LABEL_BYTES} bytes")
+    bar.update(1)
 
     # Paths: every byte in [start, path end) of some line, in order: a mask of alternating runs (gap, path, gap, ...).
     runs = np.empty(2 * len(starts) + 1, dtype=np.int64)
@@ -408,6 +423,7 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
     runs[-1] = len(buf) - path_ends[-1]
     names = buf[np.repeat(np.arange(len(runs)) % 2 == 1, runs)]
     offsets = np.concatenate([[0], np.cumsum(path_ends - starts)]).astype(np.int64)
+    bar.update(1)
 
     # Labels: one column per label byte (at most MAX_LABEL_BYTES), zero past each label's end.
     width = int(lengths.max())
@@ -421,16 +437,20 @@ def parse_file_list(path: str | os.PathLike, root: str | os.PathLike | None = No
         values = np.zeros(len(starts), dtype=np.int64)
         for k in range(width):
             values = np.where(k < lengths, values * 10 + (field[:, k].astype(np.int64) - ord("0")), values)
+        _check(path, buf, starts, line_numbers, values >= MAX_CLASS_IDS, f"class id of {MAX_CLASS_IDS} or more")
         labels = values.astype(np.int32)
         classes = [str(c) for c in range(int(labels.max()) + 1)]
     else:
         uniq, inverse = np.unique(field.view(f"S{width}").ravel(), return_inverse=True)
         labels = inverse.astype(np.int32)
         classes = [u.decode("utf-8", "replace") for u in uniq.tolist()]
+    bar.update(1)
     layout = "imagenet21k" if all(SYNSET.match(c) for c in classes) else "imagefolder"
     source = {"kind": "filelist", "path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
               "label_ids": classes == [str(c) for c in range(len(classes))]}  # fmt: skip
-    return ImageIndex.from_arrays(os.path.abspath(root), layout, classes, names, offsets, labels, source=source)
+    index = ImageIndex.from_arrays(os.path.abspath(root), layout, classes, names, offsets, labels, source=source)
+    bar.update(1)
+    return index
 
 
 def _strip(buf: np.ndarray, blank: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -464,11 +484,7 @@ def build_index(
     imagenet21k when it holds synset folders, directly or under train/)."""
     p = Path(data)
     if p.is_file():
-        t0 = time.perf_counter()
-        index = parse_file_list(p, root)
-        if progress and time.perf_counter() - t0 > 1:
-            print(f"rpp.index: parsed {len(index):,} lines of {p} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        return index
+        return parse_file_list(p, root, progress=progress)
     if root is not None:
         raise UserError("--root applies to file lists only; a folder tree is its own root")
     if layout is None:

@@ -101,6 +101,7 @@ def test_file_list_formats_and_errors(tmp_path):
         ("ok.jpg\t1\n/abs/path.jpg\t2\n", r":2: absolute path"),
         ("ok.jpg\t1\n\tonly-label\n", r":2: no path and label separated by a tab: .only-label."),
         ("\n\n", r"lists no images"),
+        ("ok.jpg\t1\nbig.jpg\t99999999\n", r":2: class id of 16777216 or more"),
     ]:
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(UserError, match=why):
