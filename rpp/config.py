@@ -66,7 +66,11 @@ class TrainConfig:
         },
     )
     cache_dir: str | None = field(
-        default=None, metadata={"help": "where teacher class embeddings are cached (none = the method's default)"}
+        default=None,
+        metadata={
+            "help": "where image indices of folder trees / file lists and teacher class embeddings are cached, shared "
+            "by runs that name the same folder (none = OUTPUT/cache)"
+        },
     )
     # run
     output: str = field(
