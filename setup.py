@@ -3,7 +3,10 @@
 * ``csrc/*.cpp`` always go into the extension (they hold the CPU instances of the ``__host__ __device__`` logic, so the
   same code is tested without a GPU).
 * ``csrc/*.cu`` are added when a CUDA toolkit is found (``CUDA_HOME`` or the root of the ``nvcc`` on PATH, wrappers
-  resolved) and ``RPP_SKIP_CUDA_BUILD`` is unset; ``RPP_CUDA_ARCHS`` (default ``80;90``) picks the targets.
+  resolved) and ``RPP_SKIP_CUDA_BUILD`` is unset; ``RPP_CUDA_ARCHS`` (default ``80;90``) picks the SASS targets, and
+  PTX of the highest one is embedded too, so GPUs newer than every target JIT-compile it instead of failing with "no
+  kernel image". The list is compiled in as ``rpp_kernels._C.CUDA_ARCHS`` (``"sm_80;sm_90;compute_90"``) for the cuda
+  backend's compute-capability check.
 * ``RPP_SKIP_CUDA_BUILD=1`` skips the extension entirely.
 """
 
@@ -46,6 +49,20 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def cuda_targets(spec: str) -> tuple[list[int], list[str]]:
+    """``RPP_CUDA_ARCHS`` (``"80;90"``, commas allowed) -> (sorted archs, nvcc ``-gencode`` flags): SASS for each arch
+    plus PTX of the highest, which the driver JIT-compiles on GPUs newer than every listed arch."""
+    items = [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
+    if not items or not all(a.isdigit() for a in items):
+        raise SystemExit(f"RPP_CUDA_ARCHS must list compute capabilities like '80;90', got {spec!r}")
+    archs = sorted({int(a) for a in items})
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return archs, flags
+
+
 def extension_kwargs() -> dict:
     if os.environ.get("RPP_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         warnings.warn(
@@ -72,14 +89,15 @@ def extension_kwargs() -> dict:
         return {}
     cxx = ["-O3", "-std=c++20"]  # the torch 2.14 headers refuse anything older than C++20
     if cuda_home and cu:
-        archs = os.environ.get("RPP_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
-        for arch in filter(None, (a.strip() for a in archs)):
-            nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        archs, gencode = cuda_targets(os.environ.get("RPP_CUDA_ARCHS", "80;90"))
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
+        # Integers only in the macros: a quoted string would have to survive ninja's shell and two compilers.
+        sass = ",".join(map(str, archs))
+        macros = [("RPP_WITH_CUDA", "1"), ("RPP_CUDA_SASS", sass), ("RPP_CUDA_PTX", str(archs[-1]))]
         ext = CUDAExtension(
             "rpp_kernels._C",
             cpp + cu,
-            define_macros=[("RPP_WITH_CUDA", "1")],
+            define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
     else:
@@ -101,4 +119,5 @@ def extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": TolerantBuild.with_options(use_ninja=True)}}
 
 
-setup(**extension_kwargs())
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import cuda_targets
+    setup(**extension_kwargs())

@@ -2,6 +2,8 @@
 // CUDA instance. `_C.WITH_CUDA` is true only when the .cu files were compiled in (RPP_WITH_CUDA).
 #include <torch/extension.h>
 
+#include <string>
+
 #include "kd_topk.h"
 
 void kd_topk_stats_cpu(const at::Tensor& x, int64_t col0, double inv_t, const c10::optional<at::Tensor>& mask,
@@ -66,7 +68,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("KD_MAX_K") = rpp::kd::kMaxK;
 #ifdef RPP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
+  // What the .cu files were compiled for (setup.py's cuda_targets): "sm_80;sm_90;compute_90" = SASS + PTX.
+  std::string archs;
+  for (const int arch : {RPP_CUDA_SASS}) archs += "sm_" + std::to_string(arch) + ";";
+  m.attr("CUDA_ARCHS") = archs + "compute_" + std::to_string(RPP_CUDA_PTX);
 #else
   m.attr("WITH_CUDA") = false;
+  m.attr("CUDA_ARCHS") = "";
 #endif
 }

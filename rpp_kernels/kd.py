@@ -27,6 +27,7 @@ def topk_kd_loss(
     student_support: str = "full",
     reduction: str = "mean",
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Top-k knowledge-distillation loss of student logits ``logit_scale * student_feats @ class_embeds.T`` against a
     teacher, computed chunk by chunk over the classes: ``[B, C]`` logits are never held whole.
@@ -52,6 +53,9 @@ def topk_kd_loss(
     Returns the loss in float32 (float64 for float64 inputs): a scalar for ``reduction`` ``"mean"`` (over rows) /
     ``"sum"``, ``[B]`` for ``"none"``; ``"mean"`` of an empty batch is nan, as ``torch.mean`` (backward gives zeros).
     A row whose teacher has no probability mass (every class masked or -inf) contributes no KD term.
+    validate: check tensor values (label/index ranges, distinct indices, finite teacher, non-empty class mask). Each
+      check reads values back to the host, which on CUDA waits for the stream; ``validate=False`` skips them (trusted
+      inputs: the call then never syncs, given a float ``logit_scale``). Shapes, dtypes and devices are always checked.
 
     Equivalent PyTorch (``k < C``, logits teacher, ``student_support="full"``)::
 
@@ -75,6 +79,7 @@ def topk_kd_loss(
         student_support=student_support,
         reduction=reduction,
         backend=backend,
+        validate=validate,
     )
 
 
@@ -96,6 +101,7 @@ class TopKDistillationLoss(nn.Module):
         student_support: str = "full",
         reduction: str = "mean",
         backend: str | None = None,
+        validate: bool = True,
     ) -> None:
         super().__init__()
         self.k = k
@@ -107,6 +113,7 @@ class TopKDistillationLoss(nn.Module):
         self.student_support = student_support
         self.reduction = reduction
         self.backend = backend
+        self.validate = validate
 
     def forward(
         self,
@@ -129,6 +136,7 @@ class TopKDistillationLoss(nn.Module):
             student_support=self.student_support,
             reduction=self.reduction,
             backend=self.backend,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:

@@ -39,9 +39,14 @@ def _triton_check(*, device, dtype, k, dims, **_):
 def _cuda_check(*, device, dtype, k, dims, **_):
     from rpp_kernels.ops.kd import cuda as kd_cuda
 
+    reasons = []
     if k is not None and k > kd_cuda.MAX_K:
-        return [f"k={k} > {kd_cuda.MAX_K} (per-row top-k buffer in shared memory)"]
-    return []
+        reasons.append(f"k={k} > {kd_cuda.MAX_K} (per-row top-k buffer in shared memory)")
+    if device.type == "cuda":
+        why = kd_cuda.arch_reason(torch.cuda.get_device_capability(device), kd_cuda.built_archs())
+        if why:
+            reasons.append(why)
+    return reasons
 
 
 BACKENDS = _dispatch.register(
@@ -136,8 +141,13 @@ def make_problem(
     class_mask,
     student_support,
     reduction,
+    validate: bool = True,
 ) -> Problem:
-    """Validate every argument (ValueError/TypeError naming the offending shape or value) and normalise them."""
+    """Validate every argument (ValueError/TypeError naming the offending shape or value) and normalise them.
+
+    ``validate=False`` skips the checks that read tensor values (label and index ranges, finiteness, a class mask that
+    removes everything): each needs a device-to-host copy, i.e. a sync of the CUDA stream. Shapes, dtypes and devices
+    are always checked (host metadata only)."""
     if not isinstance(student_feats, torch.Tensor):
         raise TypeError(f"topk_kd_loss: student_feats must be a torch.Tensor, got {type(student_feats).__name__}")
     dev = student_feats.device
@@ -182,14 +192,14 @@ def make_problem(
             raise ValueError(
                 f"topk_kd_loss: class_mask must be a bool [C={C}] tensor, got {class_mask.dtype} {_shape(class_mask)}"
             )
-        if not bool(class_mask.any()):
+        if validate and not bool(class_mask.any()):
             raise ValueError("topk_kd_loss: empty class set (class_mask removes every class)")
     if labels is not None:
         _check_tensor("labels", labels, 1, dev, floating=False)
         if labels.shape[0] != B:
             raise ValueError(f"topk_kd_loss: labels {_shape(labels)} must be [B={B}]")
         labels = labels.long()
-        if B:
+        if B and validate:
             # The mask lookup is clamped so that an out-of-range label reports the range error, not an index fault.
             kept = class_mask[labels.clamp(0, C - 1)].all() if class_mask is not None else labels.new_ones(())
             lo, hi, all_kept = (int(v) for v in _to_host(labels.min(), labels.max(), kept))
@@ -205,7 +215,7 @@ def make_problem(
         if tuple(teacher.shape) != (B, C):
             raise ValueError(f"topk_kd_loss: teacher logits {_shape(teacher)} must be [B, C] = [{B}, {C}]")
         # -inf marks a class the teacher rules out; NaN and +inf have no distribution (the kernels would drop them).
-        total = float(_sum(teacher))
+        total = float(_sum(teacher)) if validate else 0.0
         if math.isnan(total) or total == math.inf:
             raise ValueError("topk_kd_loss: teacher logits contain NaN or +inf (-inf or class_mask drops a class)")
         form, fields["teacher_logits"] = LOGITS, teacher.detach()
@@ -219,7 +229,7 @@ def make_problem(
                     f"topk_kd_loss: precomputed teacher (indices {_shape(first)}, probs {_shape(second)}) must be two "
                     f"[B={B}, k>=1] tensors"
                 )
-            if B:
+            if B and validate:
                 by_class = first.sort(dim=1).values
                 repeated = (by_class[:, 1:] == by_class[:, :-1]).any()
                 probs_ok = ((second >= 0) & torch.isfinite(second)).all()
@@ -246,7 +256,7 @@ def make_problem(
                 )
             if first.dtype != second.dtype:
                 raise TypeError(f"topk_kd_loss: teacher feats {first.dtype} and class embeds {second.dtype} differ")
-            sums = _to_host(_sum(first), _sum(second))
+            sums = _to_host(_sum(first), _sum(second)) if validate else [0.0, 0.0]
             for name, total in zip(("teacher_feats", "teacher_class_embeds"), sums, strict=True):
                 if not math.isfinite(total):
                     raise ValueError(f"topk_kd_loss: {name} must be finite (NaN or inf would make teacher logits NaN)")
@@ -347,6 +357,7 @@ def topk_kd_loss(
     student_support="full",
     reduction="mean",
     backend=None,
+    validate=True,
 ) -> torch.Tensor:
     p = make_problem(
         student_feats,
@@ -361,6 +372,7 @@ def topk_kd_loss(
         class_mask,
         student_support,
         reduction,
+        validate,
     )
     if p.batch == 0:
         # Keeps the graph connected so backward gives zero gradients of the right shapes.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rpp_kernels.ops.kd.common import FEATS, LOGITS, Problem, Stats, stable_topk
+from rpp_kernels.ops.kd.common import FEATS, LOGITS, Problem, Stats, mm_f32, stable_topk
 
 CHUNK = 4096  # classes per chunk: [B, 4096] fp32 is 16 MiB at B = 1024
 GATHER_ELEMS = 1 << 22  # rows of [rows, J, E] gathered at once in the sparse parts (16 MiB fp32)
@@ -22,19 +22,18 @@ def _chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def student_chunk(p: Problem, sf32: torch.Tensor, ce32: torch.Tensor, c0: int) -> torch.Tensor:
-    """``s[:, c0:c0 + len(ce32)]`` from the upcast class-embedding chunk ``ce32`` (fp32 accumulation and output),
-    masked classes -inf."""
-    s = (sf32 @ ce32.T) * p.logit_scale
-    return _mask(p, s, c0, c0 + ce32.shape[0])
+def student_chunk(p: Problem, c0: int, c1: int) -> torch.Tensor:
+    """Student logits ``s[:, c0:c1]`` in fp32 (``mm_f32``: half inputs on CUDA stay on tensor cores), masked -inf."""
+    s = mm_f32(p.student_feats, p.class_embeds[c0:c1].T) * p.logit_scale
+    return _mask(p, s, c0, c1)
 
 
-def teacher_chunk(p: Problem, tf32: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor:
+def teacher_chunk(p: Problem, c0: int, c1: int) -> torch.Tensor:
     """Teacher logits ``t[:, c0:c1]`` in fp32, masked classes -inf."""
     if p.form == LOGITS:
         t = p.teacher_logits[:, c0:c1].to(p.acc_dtype)
     else:
-        t = (tf32 @ p.teacher_embeds[c0:c1].to(tf32.dtype).T) * p.logit_scale
+        t = mm_f32(p.teacher_feats, p.teacher_embeds[c0:c1].T) * p.logit_scale
     return _mask(p, t, c0, c1)
 
 
@@ -73,8 +72,6 @@ def stream(p: Problem, reducer=TorchReducer) -> Stats:
     (the ``cuda`` backend passes its warp-level kernel)."""
     B, C, T = p.batch, p.num_classes, p.temperature
     dev = p.student_feats.device
-    sf32 = p.student_feats.to(p.acc_dtype)
-    tf32 = p.teacher_feats.to(p.acc_dtype) if p.form == FEATS else None
     need_teacher = p.form in (LOGITS, FEATS)
     full = p.full_teacher
     need_s = p.need_student_lse or p.need_ce
@@ -87,14 +84,14 @@ def stream(p: Problem, reducer=TorchReducer) -> Stats:
     if full:
         m_w, l_w, acc = neg.clone(), torch.zeros_like(neg), torch.zeros_like(neg)
     for c0, c1 in _chunks(C, CHUNK):
-        s = student_chunk(p, sf32, p.class_embeds[c0:c1].to(sf32.dtype), c0) if need_s else None
+        s = student_chunk(p, c0, c1) if need_s else None
         if lse_u is not None:
             lse_u = reducer.lse(lse_u, s, 1.0 / T)
         if lse_1 is not None:
             lse_1 = reducer.lse(lse_1, s, 1.0)
         if not need_teacher:
             continue
-        t = teacher_chunk(p, tf32, c0, c1)
+        t = teacher_chunk(p, c0, c1)
         if full:
             w = t / T
             m_new = torch.maximum(m_w, w.max(dim=1).values)
@@ -137,25 +134,24 @@ def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: b
     """``ds = a_u*(softmax(u) - softmax(w)) + a_1*softmax(s)`` chunk by chunk (recomputed), returning fp32
     ``(d student_feats, d class_embeds)`` contributions (already times ``logit_scale``)."""
     T = p.temperature
-    sf32 = p.student_feats.to(p.acc_dtype)
-    tf32 = p.teacher_feats.to(p.acc_dtype) if p.form == FEATS else None
-    dsf = torch.zeros_like(sf32) if need_dsf else None
-    dce = torch.empty(p.class_embeds.shape, device=sf32.device, dtype=sf32.dtype) if need_dce else None
+    sf = p.student_feats
+    dsf = torch.zeros(sf.shape, device=sf.device, dtype=p.acc_dtype) if need_dsf else None
+    dce = torch.empty(p.class_embeds.shape, device=sf.device, dtype=p.acc_dtype) if need_dce else None
     for c0, c1 in _chunks(p.num_classes, CHUNK):
-        ce32 = p.class_embeds[c0:c1].to(sf32.dtype)
-        s = student_chunk(p, sf32, ce32, c0)
+        ce = p.class_embeds[c0:c1]
+        s = student_chunk(p, c0, c1)
         ds = torch.zeros_like(s)
         if lse_u is not None:
             ds += a_u[:, None] * torch.exp(s / T - lse_u[:, None])
         if lse_1 is not None:
             ds += a_1[:, None] * torch.exp(s - lse_1[:, None])
         if lse_w is not None:
-            ds -= a_u[:, None] * torch.exp(teacher_chunk(p, tf32, c0, c1) / T - lse_w[:, None])
+            ds -= a_u[:, None] * torch.exp(teacher_chunk(p, c0, c1) / T - lse_w[:, None])
         ds *= p.logit_scale
         if dsf is not None:
-            dsf += ds @ ce32
+            dsf += mm_f32(ds, ce)
         if dce is not None:
-            dce[c0:c1] = ds.T @ sf32
+            dce[c0:c1] = mm_f32(ds.T, sf)
     return dsf, dce
 
 

@@ -223,9 +223,12 @@ def epilogue(p: Problem, stats: Stats, gather) -> Epilogue:
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` accumulated and returned in fp32 (fp64 for fp64). On CUDA, fp16/bf16 operands stay half and run on
     tensor cores with fp32 accumulation and an fp32 output (cuBLAS, ``out_dtype``); upcasting them first would run an
-    fp32 GEMM (SIMT, or TF32 when allowed) and read twice the bytes. Elsewhere (CPU, the interpreter) both are upcast.
+    fp32 GEMM (SIMT, or TF32 when allowed) and read twice the bytes. Elsewhere (CPU, the interpreter, fp32/fp64 inputs)
+    both are upcast.
     """
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    half = next((t.dtype for t in (a, b) if t.dtype in (torch.float16, torch.bfloat16)), None)
+    if a.is_cuda and half is not None:
+        # An fp32 operand next to a half one (backward's ds) is rounded to that half dtype, as the Triton backend does.
+        return torch.mm(a.to(half), b.to(half), out_dtype=torch.float32)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     return a.to(acc) @ b.to(acc)

@@ -1,5 +1,7 @@
 """The ``cuda`` backend: the chunked algorithm with its per-row reductions (log-sum-exp, running top-k) done by the
-warp-level kernel of ``csrc/kd_topk.cu``; the logits come from cuBLAS chunk by chunk, backward is the chunked one.
+warp-level kernel of ``csrc/kd_topk.cu``; the logits come from cuBLAS chunk by chunk (fp16/bf16 operands on tensor
+cores with fp32 accumulation, ``common.mm_f32``), backward is the chunked one. No host sync on the way (pass
+``validate=False`` to skip the value checks, which need one).
 
 ``rpp::kd_topk_stats`` is registered with ``torch.library.custom_op`` (and a fake) so ``torch.compile`` traces around
 it. The extension's CPU instance runs the same per-row code (``csrc/kd_topk.h``) on CPU tensors; the tests use it.
@@ -13,6 +15,35 @@ from rpp_kernels.ops.kd import chunked
 from rpp_kernels.ops.kd.common import KEY_EMPTY, Problem, Stats, unpack_keys
 
 MAX_K = 256  # csrc/kd_topk.h kMaxK: the per-row top-k buffer (shared memory, one per warp)
+# What an extension built before the list was recorded holds (setup.py's default then: SASS only, no PTX).
+LEGACY_ARCHS = "sm_80;sm_90"
+
+
+def built_archs() -> str:
+    """``rpp_kernels._C.CUDA_ARCHS``: the SASS and PTX targets the extension's CUDA code was compiled for."""
+    from rpp_kernels import _C
+
+    return getattr(_C, "CUDA_ARCHS", LEGACY_ARCHS)
+
+
+def arch_reason(capability: tuple[int, int], archs: str) -> str | None:
+    """Why kernels built for ``archs`` (``"sm_80;sm_90;compute_90"``) cannot run on a GPU of ``capability``, or None.
+
+    SASS ``sm_XY`` runs on compute capability X.Z for Z >= Y (same major); PTX ``compute_XY`` is JIT-compiled by the
+    driver for any capability >= X.Y. Checked before dispatch so a newer GPU falls back to another backend with this
+    reason instead of failing with "no kernel image is available"."""
+    major, minor = capability
+    device = major * 10 + minor
+    codes = [c for c in archs.split(";") if c]
+    for code in codes:
+        kind, _, num = code.partition("_")
+        arch = int(num)
+        if (kind == "sm" and arch // 10 == major and arch <= device) or (kind == "compute" and arch <= device):
+            return None
+    return (
+        f"compute capability {major}.{minor} has no kernel image in rpp_kernels._C (built for {', '.join(codes)}); "
+        f"rebuild with RPP_CUDA_ARCHS={major}{minor}"
+    )
 
 
 @torch.library.custom_op("rpp::kd_topk_stats", mutates_args=("row_lse", "keys"))
