@@ -6,7 +6,7 @@ Layouts under ``--data DIR`` (``--data-format``; ``auto`` picks the first that e
 - ``filelist``, FGVC lists as SPT writes them: ``DIR/train.txt`` (or ``DIR/*_train.txt``) and ``DIR/test.txt``
   (or ``DIR/*_test.txt``).
   List lines are ``relative/path label`` (label a non-negative int); paths are relative to ``--image-root``, by default
-  ``DIR/images`` when that folder exists (SPT's CUB/NABirds layout), else ``DIR``.
+  ``DIR/images`` when the list's first image is there (SPT's CUB/NABirds layout), else ``DIR``.
 - ``vpt-json``, VPT's FGVC annotations: ``DIR/train.json`` and ``DIR/test.json`` (``{"relative/path": class id}``,
   class ids mapped to contiguous labels in sorted order, as VPT does); paths relative to ``--image-root`` as above.
 - ``imagefolder``: ``DIR/train/<class>/<image>`` and ``DIR/test/<class>/...`` with the same class folders.
@@ -251,7 +251,7 @@ class Layout:
     benchmark: str
     train: Path
     eval: Path
-    image_root: Path
+    image_roots: tuple[Path, ...]  # list paths resolve under the first root that holds the list's first image
 
 
 def _one(root: Path, names: tuple[str, ...], pattern: str | None = None) -> Path | None:
@@ -314,17 +314,22 @@ def detect_layout(
     if benchmark == "auto":
         benchmark = "vtab" if train.name == "train800val200.txt" else "fgvc"
     if image_root is not None:
-        images = Path(image_root)
-        if not images.is_dir():
+        if not Path(image_root).is_dir():
             raise UserError(f"--image-root: directory not found: {image_root}")
+        roots = (Path(image_root),)
     else:
-        images = root / "images" if fmt != "imagefolder" and (root / "images").is_dir() else root
-    return Layout(fmt, benchmark, train, ev, images)
+        roots = (root / "images", root) if fmt != "imagefolder" and (root / "images").is_dir() else (root,)
+    return Layout(fmt, benchmark, train, ev, roots)
 
 
-def read_file_list(path: Path, image_root: Path) -> list[tuple[str, int]]:
+def _pick_root(first: str, roots: tuple[Path, ...]) -> Path:
+    """The first of ``roots`` holding ``first`` (the list's first image), or the first root when none does."""
+    return next((r for r in roots if (r / first).is_file()), roots[0])
+
+
+def read_file_list(path: Path, image_roots: tuple[Path, ...]) -> list[tuple[str, int]]:
     """``relative/path label`` lines; UserError naming the line for a malformed one or a missing image."""
-    samples = []
+    entries = []
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -335,16 +340,20 @@ def read_file_list(path: Path, image_root: Path) -> list[tuple[str, int]]:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].isdigit():
             raise UserError(f"{path}:{lineno}: expected 'relative/path label' with a non-negative int label: {line!r}")
-        image = image_root / parts[0].strip()
+        entries.append((lineno, parts[0].strip(), int(parts[1])))
+    if not entries:
+        raise UserError(f"{path} lists no images")
+    root = _pick_root(entries[0][1], image_roots)
+    samples = []
+    for lineno, name, label in entries:
+        image = root / name
         if not image.is_file():
             raise UserError(f"{path}:{lineno}: image not found: {image} (see --image-root)")
-        samples.append((str(image), int(parts[1])))
-    if not samples:
-        raise UserError(f"{path} lists no images")
+        samples.append((str(image), label))
     return samples
 
 
-def read_json_list(path: Path, image_root: Path) -> list[tuple[str, object]]:
+def read_json_list(path: Path, image_roots: tuple[Path, ...]) -> list[tuple[str, object]]:
     """VPT's ``{"relative/path": class id}`` annotations (ids still raw; see :func:`load_splits`)."""
     try:
         anno = json.loads(path.read_text())
@@ -353,6 +362,7 @@ def read_json_list(path: Path, image_root: Path) -> list[tuple[str, object]]:
     if not isinstance(anno, dict) or not anno:
         raise UserError(f"{path}: expected a non-empty JSON object mapping image paths to class ids")
     samples = []
+    image_root = _pick_root(next(iter(anno)), image_roots)
     for name, cls in anno.items():
         if isinstance(cls, bool) or not isinstance(cls, (int, str)):
             raise UserError(f"{path}: class id of {name!r} must be an int or a string, got {cls!r}")
@@ -375,7 +385,7 @@ def load_splits(layout: Layout) -> tuple[FileSource, FileSource, list[str]]:
             raise UserError(f"{layout.train} and {layout.eval} have different class folders")
         return FileSource(train.samples), FileSource(ev.samples), list(train.classes)
     if layout.format == "vpt-json":
-        train, ev = read_json_list(layout.train, layout.image_root), read_json_list(layout.eval, layout.image_root)
+        train, ev = read_json_list(layout.train, layout.image_roots), read_json_list(layout.eval, layout.image_roots)
         ids = sorted({c for _, c in train}, key=lambda c: (isinstance(c, str), c))  # VPT: contiguous, sorted
         index = {c: i for i, c in enumerate(ids)}
         unknown = [c for _, c in ev if c not in index]
@@ -383,6 +393,6 @@ def load_splits(layout: Layout) -> tuple[FileSource, FileSource, list[str]]:
             raise UserError(f"{layout.eval}: class id {unknown[0]!r} does not occur in {layout.train}")
         relabel = lambda samples: [(p, index[c]) for p, c in samples]  # noqa: E731
         return FileSource(relabel(train)), FileSource(relabel(ev)), [str(c) for c in ids]
-    train, ev = read_file_list(layout.train, layout.image_root), read_file_list(layout.eval, layout.image_root)
+    train, ev = read_file_list(layout.train, layout.image_roots), read_file_list(layout.eval, layout.image_roots)
     num_classes = 1 + max(label for _, label in train + ev)
     return FileSource(train), FileSource(ev), [str(c) for c in range(num_classes)]

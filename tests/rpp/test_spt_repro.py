@@ -195,9 +195,12 @@ def test_fgvc_lists_are_not_taken_for_vtab(tmp_path):
     (cub / "cub200_train.txt").write_text("001.Albatross/x.jpg 0\n")
     (cub / "cub200_test.txt").write_text("001.Albatross/x.jpg 0\n")
     layout = spt_data.detect_layout(cub)
-    assert (layout.format, layout.benchmark, layout.image_root) == ("filelist", "fgvc", cub / "images")
+    assert (layout.format, layout.benchmark, layout.image_roots[0]) == ("filelist", "fgvc", cub / "images")
     train, _, classes = spt_data.load_splits(layout)
     assert train.paths == [str(cub / "images" / "001.Albatross" / "x.jpg")] and classes == ["0"]
+    # Lists whose paths already start with images/ resolve against DIR.
+    (cub / "cub200_test.txt").write_text("images/001.Albatross/x.jpg 0\n")
+    assert spt_data.load_splits(layout)[1].paths == [str(cub / "images" / "001.Albatross" / "x.jpg")]
     # VTAB-1k: train800val200.txt; --eval-split val reads val200.txt.
     vtab = tmp_path / "vtab"
     _image(vtab / "x.png", (0, 0, 0))
