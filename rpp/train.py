@@ -94,8 +94,11 @@ def stop_now(code: int, message: str) -> typing.NoReturn:
     stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
     stay as they are; a half-written temporary file is removed when the next run starts."""
     print(message, file=sys.stderr, flush=True)
-    for child in multiprocessing.active_children():
+    children = multiprocessing.active_children()
+    for child in children:
         child.kill()
+    for child in children:  # reaped here: no zombie outlives the run
+        child.join(timeout=2)
     sys.stdout.flush()
     os._exit(code)
 
@@ -196,7 +199,10 @@ def check_resume_options(state: dict, tcfg, mcfg, path: Path) -> None:
     before = {**state["train_config"], **state["method_config"]}
     defaults = {f.name: checkpoint_default(f) for cls in (TrainConfig, MethodConfig) for f in dataclass_fields(cls)}
     now = {**asdict(tcfg), **asdict(mcfg)}
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and before.get(k, defaults.get(k)) != now[k]]
+    may_change = set(RESUME_MAY_CHANGE)
+    if (tcfg.data_format or data.infer_format(tcfg.data)) == "webdataset":
+        may_change.discard("num_workers")  # shards are split over ranks x workers: the sample order depends on it
+    changed = [k for k in now if k not in may_change and before.get(k, defaults.get(k)) != now[k]]
     if changed:
         key = changed[0]
         more = f" (and {', '.join('--' + k.replace('_', '-') for k in changed[1:])})" if len(changed) > 1 else ""

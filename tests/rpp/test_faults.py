@@ -140,7 +140,10 @@ def test_kills_at_random_points_resume_bit_exactly(tmp_path, datasets, fmt):
     """One uninterrupted run; three killed ones (SIGTERM or SIGINT at a random step, kill -9 at a random step with
     data workers, kill -9 inside a random checkpoint write), each resumed: all four equal, bit for bit."""
     rng = random.Random(f"{SEED}-{fmt}")
-    args = [*RUN, *datasets[fmt]]
+    # webdataset: data workers read shards in the same order in every run (the stream is split over workers);
+    # imagefolder: the kill -9 run also checks that the number of workers does not change the batches.
+    workers = {"imagefolder": ["--num-workers", "0"], "webdataset": ["--num-workers", "2"]}[fmt]
+    args = [*RUN, *datasets[fmt], *workers]
     ref, soft, hard, in_save = (tmp_path / name for name in ("ref", "soft", "hard", "in-save"))
     sig = rng.choice([signal.SIGTERM, signal.SIGINT])
     soft_step, hard_step, save_call = rng.randint(1, 5), rng.randint(1, 5), rng.randint(1, 5)
@@ -158,6 +161,7 @@ def test_kills_at_random_points_resume_bit_exactly(tmp_path, datasets, fmt):
 
     killed = subprocess.Popen(_train_cmd([*args, "--num-workers", "2", "--output", str(hard)]), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # (for imagefolder the resumed run below uses --num-workers 2 as well: a map-style resume may change it)
     kill_env = {**ENV, "KILL_AT_SAVE": str(save_call)}
     in_save_run = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args, "--output", str(in_save)],
                                  env=kill_env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -172,6 +176,19 @@ def test_kills_at_random_points_resume_bit_exactly(tmp_path, datasets, fmt):
     _resume(in_save, args)
     for what, out in (("signal", soft), ("kill -9", hard), ("kill -9 in save", in_save)):
         _assert_same_run(ref, out, f"{fmt}: {what}")
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are not zombies."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
 
 
 def test_second_signal_stops_at_once_with_workers_and_keeps_the_checkpoint(tmp_path, datasets):
@@ -193,9 +210,7 @@ def test_second_signal_stops_at_once_with_workers_and_keeps_the_checkpoint(tmp_p
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert took < 20, took
     assert "Traceback" not in err
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):  # no data worker outlives the run
-        os.killpg(proc.pid, 0)
+    assert not _running_in_group(proc.pid), "a data worker outlived the run"
     state = checkpoint.load_train_state(out / checkpoint.STATE_FILE)  # the last committed checkpoint is intact
     assert state["step"] >= 2
 
