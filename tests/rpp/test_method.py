@@ -46,6 +46,8 @@ def test_every_config_field_has_help():
         {"kd_topk": None, "classes_per_step": None},  # full teacher distribution, fused from features
         {"vision_prompts": 3, "vision_depth": 1, "precision": "bf16"},
         {"vision_prompts": 2, "grad_checkpointing": True, "text_chunk_size": 5, "correction_log10": True},
+        {"sampling": "pomp", "negatives": "hard", "negative_bank_refresh": 4},  # POMP's step + KD over its classes
+        {"kd_classes": "teacher-topk"},  # the previous RPP class set
     ],
 )
 def test_loss_falls_and_every_prompt_gets_gradient(overrides):
