@@ -169,16 +169,16 @@ def test_prefix_grad_keeps_prefix_shape_and_is_deterministic(layout):
 
 
 @needs_triton
-@pytest.mark.parametrize("causal", [False, True])
-def test_programs_with_several_samples(monkeypatch, causal):
-    """A batch-shared prefix makes each backward program walk several samples (S < B): the dQ scratch is reused per
-    sample and the prefix partial accumulates across them."""
+@pytest.mark.parametrize(("n_prefix", "causal"), [(3, False), (3, True), (0, True)])
+def test_programs_with_several_samples(monkeypatch, n_prefix, causal):
+    """Without a per-sample prefix each backward program walks several samples (S < B): the dQ scratch is reused per
+    sample and a shared prefix's partial accumulates across them."""
     from rpp_kernels.ops import _triton
     from rpp_kernels.ops.attention import triton as kernels
 
     monkeypatch.setattr(_triton, "CPU_SM_COUNT", 1)
     assert kernels.prefix_splits(5, 2, torch.device("cpu")) == 2
-    check_parity(5, 2, 9, 3, 32, causal, torch.float32, "hpd")
+    check_parity(5, 2, 9, n_prefix, 32, causal, torch.float32, "hpd")
 
 
 @needs_triton

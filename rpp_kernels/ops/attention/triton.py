@@ -578,9 +578,9 @@ def prompt_attention_fwd(
 
 
 def prefix_splits(batch: int, heads: int, device: torch.device) -> int:
-    """Batch slices of the backward for a batch-shared prefix: about four programs per SM, at most ``batch``.
+    """Batch slices of the backward (without a per-sample prefix): about four programs per SM, at most ``batch``.
 
-    More slices fill the GPU; fewer keep the fp32 ``[S, H, P, D]`` partial (and its final sum) small.
+    More slices fill the GPU; fewer keep the fp32 dQ scratch and ``[S, H, P, D]`` prefix partial (and its sum) small.
     """
     return max(1, min(batch, math.ceil(4 * num_sms(device) / max(1, heads))))
 
@@ -629,7 +629,9 @@ def prompt_attention_bwd(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, ALIGN=_align(o, do),
     )  # fmt: skip
 
-    splits = prefix_splits(batch, heads, q.device) if n_prefix > 0 and prefix_batch == 1 else batch
+    # A per-sample prefix's partial is that sample's gradient (one sample per program); otherwise programs walk
+    # several samples, which bounds the dQ scratch and the prefix partial to a few programs per SM.
+    splits = batch if n_prefix > 0 and prefix_batch == batch else prefix_splits(batch, heads, q.device)
     programs = splits * heads
     _check_grid("the backward", programs)
     part_k = torch.empty((splits, heads, n_prefix, head_dim), dtype=torch.float32, device=q.device)
