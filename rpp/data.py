@@ -557,7 +557,12 @@ def infer_format(path: str | None) -> str:
         return layout
     if p.is_dir() and any(SYNSET.match(d.name) for d in p.iterdir() if d.is_dir()):
         return "imagenet21k"
+    if p.is_dir() and {d.name for d in p.iterdir() if d.is_dir()} == IMAGENET_V2_FOLDERS:
+        return "imagenet-v2"  # class ids 0..999: sorted numerically, not as strings (rpp.datasets)
     return "imagefolder"
+
+
+IMAGENET_V2_FOLDERS = {str(i) for i in range(1000)}
 
 
 def resolve(

@@ -72,3 +72,11 @@ def test_imagenet1k_variants_use_clips_curated_names(tmp_path):
     _tree(tmp_path / "odd", ["n99999999"])
     with pytest.raises(UserError, match="not ImageNet-1K synsets"):
         data.resolve(str(tmp_path / "odd"), "imagenet1k", None)
+
+
+def test_imagenet_v2_layout_is_recognised(tmp_path):
+    for i in range(1000):
+        (tmp_path / "v2" / str(i)).mkdir(parents=True)
+    assert data.infer_format(str(tmp_path / "v2")) == "imagenet-v2"
+    (tmp_path / "v2" / "1000").mkdir()
+    assert data.infer_format(str(tmp_path / "v2")) == "imagefolder"
