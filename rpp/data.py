@@ -556,7 +556,11 @@ def infer_format(path: str | None) -> str:
     if layout is not None:
         return layout
     if p.is_dir() and any(SYNSET.match(d.name) for d in p.iterdir() if d.is_dir()):
-        return "imagenet21k"
+        from rpp.datasets import imagenet_synsets
+
+        synsets = {d.name for d in p.iterdir() if d.is_dir() and SYNSET.match(d.name)}
+        # ImageNet-1K and its variants (val, Sketch, A, R): CLIP's curated class names (rpp.datasets)
+        return "imagenet1k" if synsets <= set(imagenet_synsets()) else "imagenet21k"
     if p.is_dir() and {d.name for d in p.iterdir() if d.is_dir()} == IMAGENET_V2_FOLDERS:
         return "imagenet-v2"  # class ids 0..999: sorted numerically, not as strings (rpp.datasets)
     return "imagefolder"

@@ -80,3 +80,11 @@ def test_imagenet_v2_layout_is_recognised(tmp_path):
     assert data.infer_format(str(tmp_path / "v2")) == "imagenet-v2"
     (tmp_path / "v2" / "1000").mkdir()
     assert data.infer_format(str(tmp_path / "v2")) == "imagefolder"
+
+
+def test_imagenet1k_layouts_are_recognised(tmp_path):
+    for synset in imagenet_synsets()[:3]:
+        (tmp_path / "a" / synset).mkdir(parents=True)
+    assert data.infer_format(str(tmp_path / "a")) == "imagenet1k"
+    (tmp_path / "a" / "n00000001").mkdir()  # a synset beyond ImageNet-1K: the 21K tree
+    assert data.infer_format(str(tmp_path / "a")) == "imagenet21k"
