@@ -175,7 +175,7 @@ class MethodConfig:
         default=100,
         metadata={
             "help": "hard/easy negatives are drawn from the learned text features of all classes, recomputed "
-            "every this many steps"
+            "every this many steps (and at the first step of a resumed run)"
         },
     )
     kd_classes: str = field(
