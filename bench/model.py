@@ -241,6 +241,14 @@ def _kd_ds(v: View) -> Work:
     )
 
 
+@describe("_kd_bwd_ds_sparse_kernel", {"_kd_bwd_ds_sparse_kernel": 0})
+def _kd_ds_sparse(v: View) -> Work:
+    # The k + 1 sparse coefficients per row added into the ds chunk: B * J slots, each ds entry read and written.
+    slots = v.grid[0] * _arg(v, "J")
+    moved = v.nbytes("idx_ptr", "coef_ptr") + 2 * slots * v.elem("ds_ptr")
+    return Work("kd-bwd", 0, moved, moved, "ieee")
+
+
 @describe("_kd_bwd_sparse_dx_kernel", {"_kd_bwd_sparse_dx_kernel": 0})
 def _kd_sparse_dx(v: View) -> Work:
     rows, j = v.grid[0], _arg(v, "J")

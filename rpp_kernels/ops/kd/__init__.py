@@ -1,6 +1,7 @@
 """topk_kd_loss: validation, backend dispatch and the autograd.Function shared by every backend.
 
-A backend supplies four pieces (see ``common.py``): ``stream``, ``gather``, ``dense_backward``, ``sparse_backward``.
+A backend supplies four pieces (see ``common.py``): ``stream``, ``gather``, ``dense_backward`` (which also takes the
+sparse coefficients, folded into its ds) and ``sparse_backward`` (the sparse part alone, when there is no dense one).
 The autograd.Function saves only the inputs, the teacher's top-k slots with one coefficient each (O(B*k)) and per-row
 statistics; backward recomputes logits tile by tile.
 """
@@ -333,10 +334,12 @@ class TopKKDFunction(torch.autograd.Function):
         slot_idx, slot_coef, a_u, a_1, lse_u, lse_1, lse_w = rest[n:]
         g = grad_rows.to(p.acc_dtype)
         dsf = dce = None
+        sparse = (slot_idx, g[:, None] * slot_coef) if slot_idx.shape[1] else None
         if lse_u is not None or lse_1 is not None:
-            dsf, dce = ctx.impl.dense_backward(p, g * a_u, g * a_1, lse_u, lse_1, lse_w, need_dsf, need_dce)
-        if slot_idx.shape[1]:
-            dsf, dce = ctx.impl.sparse_backward(p, slot_idx, g[:, None] * slot_coef, dsf, dce, need_dsf, need_dce)
+            # The sparse coefficients ride along in the dense pass's ds (one set of matmuls for both parts).
+            dsf, dce = ctx.impl.dense_backward(p, g * a_u, g * a_1, lse_u, lse_1, lse_w, need_dsf, need_dce, sparse)
+        elif sparse is not None:
+            dsf, dce = ctx.impl.sparse_backward(p, *sparse, dsf, dce, need_dsf, need_dce)
         dsf = dsf.to(sf.dtype) if need_dsf else None
         dce = dce.to(ce.dtype) if need_dce else None
         return dsf, dce, None, None

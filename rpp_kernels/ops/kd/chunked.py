@@ -130,9 +130,10 @@ def gather(p: Problem, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool):
+def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool, sparse=None):
     """``ds = a_u*(softmax(u) - softmax(w)) + a_1*softmax(s)`` chunk by chunk (recomputed), returning fp32
-    ``(d student_feats, d class_embeds)`` contributions (already times ``logit_scale``)."""
+    ``(d student_feats, d class_embeds)`` contributions (already times ``logit_scale``). ``sparse = (idx [B, J],
+    coef [B, J])`` is added into each chunk's ``ds`` (``ds[b, idx] += coef``) before the matmuls."""
     T = p.temperature
     sf = p.student_feats
     dsf = torch.zeros(sf.shape, device=sf.device, dtype=p.acc_dtype) if need_dsf else None
@@ -147,6 +148,10 @@ def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: b
             ds += a_1[:, None] * torch.exp(s - lse_1[:, None])
         if lse_w is not None:
             ds -= a_u[:, None] * torch.exp(teacher_chunk(p, c0, c1) / T - lse_w[:, None])
+        if sparse is not None:
+            idx, coef = sparse
+            inside = (idx >= c0) & (idx < c1)
+            ds.scatter_add_(1, torch.where(inside, idx - c0, 0), torch.where(inside, coef.to(ds.dtype), 0.0))
         ds *= p.logit_scale
         if dsf is not None:
             dsf += mm_f32(ds, ce)

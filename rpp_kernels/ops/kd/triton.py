@@ -28,10 +28,12 @@ Backward, dense part ``ds = a_u (softmax(u) - softmax(w)) + a_1 softmax(s)``: ``
 logits of a chunk of classes tile by tile (grid: row blocks x class tiles) and writes ``ds * logit_scale`` in the input
 dtype (the precision the matmul operand had before); the two gradient matmuls ``ds @ class_embeds`` and
 ``ds.T @ student_feats`` then run on cuBLAS (tensor cores, fp32 accumulation; ``common.mm_f32``). A chunk holds at most
-``DS_ELEMS`` entries of ``[B, classes]``. The sparse part (k + 1 coefficients per row: teacher top-k, label) is
-``_kd_bwd_sparse_dx_kernel`` (one program per row) and ``_kd_bwd_sparse_dw_kernel`` (one program per class, over that
-class's entries in a fixed order). No atomics anywhere: both gradients are deterministic (bitwise reproducible run to
-run), as ``torch.use_deterministic_algorithms`` asks.
+``DS_ELEMS`` entries of ``[B, classes]``. The sparse part (k + 1 coefficients per row: teacher top-k, label) is added
+into each ds chunk (``_kd_bwd_ds_sparse_kernel``, O(B * k)) so the same matmuls carry it; without a dense part
+(``student_support="topk"``, no labels) it is ``_kd_bwd_sparse_dx_kernel`` (one program per row) and
+``_kd_bwd_sparse_dw_kernel`` (one program per class, over that class's entries in a fixed order). No atomics
+anywhere: both gradients are deterministic (bitwise reproducible run to run), as ``torch.use_deterministic_algorithms``
+asks.
 
 Row offsets are formed in int64 (``B * C`` and ``C * E`` may exceed 2^31).
 """
@@ -500,7 +502,32 @@ def ds_chunk(p: Problem, block_c: int) -> int:
     return min(per, 65535 * block_c, triton.cdiv(p.num_classes, block_c) * block_c)
 
 
-def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool):
+@triton.jit
+def _kd_bwd_ds_sparse_kernel(ds_ptr, idx_ptr, coef_ptr, J, C0, NC, scale, BLOCK_J: tl.constexpr):
+    """``ds[row, idx - C0] += scale * coef`` for the slots of one row that fall in the chunk. Columns ``0 .. J-2`` (the
+    teacher's top-k) are distinct classes, so one vector read-modify-write is exact; the last column (the label, which
+    may repeat one of them) goes second, after a barrier. Zero coefficients (empty slots, all at class 0) store
+    nothing. One program per row, no atomics: deterministic."""
+    row = tl.program_id(0).to(tl.int64)
+    for last in tl.static_range(2):
+        if last == 0:
+            offs_j = tl.arange(0, BLOCK_J)
+            mask_j = offs_j < J - 1
+        else:
+            tl.debug_barrier()
+            offs_j = J - 1 + tl.arange(0, BLOCK_J)
+            mask_j = offs_j == J - 1
+        idx = tl.load(idx_ptr + row * J + offs_j, mask=mask_j, other=0) - C0
+        c = tl.load(coef_ptr + row * J + offs_j, mask=mask_j, other=0.0) * scale
+        hit = mask_j & (idx >= 0) & (idx < NC) & (c != 0.0)
+        dst = ds_ptr + row * NC + idx
+        old = tl.load(dst, mask=hit, other=0.0).to(tl.float32)
+        tl.store(dst, (old + c).to(ds_ptr.dtype.element_ty), mask=hit)
+
+
+def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: bool, sparse=None):
+    """Gradients of the dense part; ``sparse = (idx [B, J], coef [B, J])`` folds the sparse part into each ds chunk
+    (teacher top-k columns distinct per row, the label last), so the cuBLAS matmuls carry it at no extra pass."""
     sf, ce, t, tf, tce, mask, et = _common_args(p)
     B, C, E = p.batch, p.num_classes, sf.shape[1]
     zeros = torch.zeros(B, device=sf.device, dtype=torch.float32)
@@ -514,6 +541,9 @@ def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: b
         HAS_MASK=p.class_mask is not None,
         PRECISION=dot_precision(sf.dtype, fp32=FP32_DOT),
     )
+    if sparse is not None:
+        slot_idx, slot_coef = sparse[0].contiguous(), sparse[1].to(torch.float32).contiguous()
+        J = slot_idx.shape[1]
     chunk = ds_chunk(p, cfg["BLOCK_C"])
     ds = torch.empty(B, min(chunk, C), device=sf.device, dtype=sf.dtype)
     dsf = torch.zeros(B, E, device=sf.device, dtype=torch.float32) if need_dsf else None
@@ -525,6 +555,8 @@ def dense_backward(p, a_u, a_1, lse_u, lse_1, lse_w, need_dsf: bool, need_dce: b
         _kd_bwd_ds_kernel[grid](
             sf, ce, t, tf, tce, mask, coef, d, B, C, c0, n, E, et, p.logit_scale, 1.0 / p.temperature, **cfg, **flags
         )
+        if sparse is not None:
+            _kd_bwd_ds_sparse_kernel[(B,)](d, slot_idx, slot_coef, J, c0, n, p.logit_scale, BLOCK_J=_pow2(J))
         if need_dsf:
             dsf += mm_f32(d, ce[c0 : c0 + n])
         if need_dce:
