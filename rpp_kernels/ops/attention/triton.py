@@ -42,10 +42,12 @@ from rpp_kernels.ops._triton import dot_precision, num_sms
 from rpp_kernels.ops.attention import packed_slots
 
 LOG2E = 1.4426950408889634
+# Sizes are not specialised (do_not_specialize): a launch with P = 1 or N = 1 would otherwise compile a variant with
+# those loops unrolled, with a different register allocation (it spilled) than the one every other size runs.
 MAX_GRID_X = 2**31 - 1
 QUERY_BLOCKS = (128, 64, 32)
 KEY_BLOCKS = (64, 32)
-PREFIX_BLOCKS = (64, 32, 16)
+PREFIX_BLOCKS = (32, 16)  # P = 50 pads to 64 with either; 64 would spill in the backward
 PAD_SLACK = 1.03  # a larger block may pad up to 3% more rows than the tightest one
 
 
@@ -71,7 +73,8 @@ def attention_tiles(n_q: int, n_k: int, n_prefix: int, head_dim: int, dtype: tor
     keys = (16,) if fp32 and wide else (32,) if fp32 or wide else KEY_BLOCKS
     block_m = pick_block(n_q, queries)
     block_n = pick_block(n_k, keys)
-    block_p = pick_block(n_prefix, tuple(b for b in PREFIX_BLOCKS if b <= keys[0]))
+    # The prefix block also holds the fp32 partial it accumulates into: one step smaller for fp32.
+    block_p = pick_block(n_prefix, tuple(b for b in PREFIX_BLOCKS if b <= (16 if fp32 else keys[0])))
     block_m_bwd = min(block_m, 64)
     if fp32:
         fwd = {"num_warps": 8 if wide else 4, "num_stages": 2}
@@ -171,7 +174,7 @@ def _fwd_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_q", "n_k", "n_prefix"])
 def _prompt_attn_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -249,7 +252,7 @@ def _prompt_attn_fwd_kernel(
     tl.store(lse_ptr + off_bh.to(tl.int64) * n_q + offs_m, m_i + tl.log2(l_i), mask=offs_m < n_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_q"])
 def _bwd_preprocess_kernel(
     o_ptr,
     do_ptr,
@@ -348,7 +351,7 @@ def _bwd_key_block(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_batch", "n_heads", "n_q", "n_k", "n_prefix", "n_splits"])
 def _prompt_attn_bwd_kernel(
     q_ptr,
     k_ptr,
