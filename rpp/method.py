@@ -204,7 +204,8 @@ class MethodConfig:
         default="open_clip",
         metadata={
             "help": "training augmentation: open_clip (the model's own), pomp (RandomResizedCrop + flip + "
-            "RandAugment), crop-flip, none (centre crop)",
+            "torchvision RandAugment), pomp-dassl (the same with Dassl's RandAugment2, as POMP's configs), "
+            "crop-flip, none (centre crop)",
             "choices": AUGMENTATIONS,
         },
     )

@@ -42,7 +42,7 @@ def test_pomp_recipe_is_pomps_published_run():
         True,
     )
     assert (mcfg.augment, mcfg.crop_min_scale, mcfg.randaugment_ops, mcfg.randaugment_magnitude) == (
-        "pomp",
+        "pomp-dassl",
         0.08,
         2,
         10,
@@ -89,4 +89,4 @@ def test_teacher_cache_takes_the_training_recipe_options_it_has(capsys):
     cfg, mcfg = config.parse([CacheConfig, MethodConfig], ["--recipe", "rpp-in21k", "--augmented"], "p", "",
                              tool="rpp.teacher_cache", recipe_from="rpp.train")  # fmt: skip
     assert (cfg.views, cfg.epochs, cfg.shots, cfg.shots_seed, cfg.seed) == (4, 5, 16, 42, 42)  # the run's views
-    assert (mcfg.teacher, mcfg.kd_topk, mcfg.augment) == ("ViT-L-14", 100, "pomp") and cfg.topk is None  # k = 100
+    assert (mcfg.teacher, mcfg.kd_topk, mcfg.augment) == ("ViT-L-14", 100, "pomp-dassl") and cfg.topk is None  # k = 100
