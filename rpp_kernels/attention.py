@@ -61,8 +61,8 @@ def prompt_qkv(
         q, k, v = F.linear(x, in_proj_weight, in_proj_bias).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         prefix_q = F.linear(prompt_q, w_q, b_q).view(P, H, D).transpose(0, 1)  # likewise k, v
 
-    The ``triton`` backend (CUDA, or forced under the interpreter) writes q, k, v head-split straight from the GEMM;
-    the ``torch`` backend returns views of one ``F.linear`` output. Gradients flow to x, the weights (unless frozen),
+    q, k, v are head-split views of one ``F.linear`` (cuBLAS) output, never copied; the backward takes the packed
+    gradient the triton attention backward writes for them as-is. Gradients flow to x, the weights (unless frozen),
     the bias and the prompts.
     """
     return _prompt_qkv(x, in_proj_weight, in_proj_bias, num_heads, prompt_q, prompt_k, prompt_v, backend=backend)
