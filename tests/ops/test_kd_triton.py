@@ -159,3 +159,21 @@ def test_triton_teacher_rows_beyond_int32_offsets():
     got = kd_triton.stream(p)
     want_val, want_idx = torch.sort(logits.float(), dim=1, descending=True, stable=True)
     assert torch.equal(got.top_idx, want_idx[:, :3]) and torch.equal(got.top_val, want_val[:, :3])
+
+
+def test_triton_label_inside_the_teacher_top_k():
+    """Backward folds the sparse coefficients into ds; a label that is also a top-k class must add both (the label is
+    written after the distinct top-k columns, not in the same read-modify-write)."""
+    from test_kd_helpers import TOL, assert_close
+
+    from rpp_kernels.ops.kd.reference import topk_kd_loss_ref
+
+    sf, ce, teacher, kw = make_inputs(Case(7, 300, 5, form="logits", labels=True), device=DEVICE)
+    kw["labels"] = teacher.float().argmax(1)  # the teacher's top class: always among its top-k slots
+    loss = topk_kd_loss(sf, ce, teacher, backend="triton", **kw)
+    ref = topk_kd_loss_ref(sf, ce, teacher, **kw)
+    vtol, gtol = TOL[torch.float32]
+    assert_close("loss", loss, ref, vtol)
+    got, want = torch.autograd.grad(loss, [sf, ce]), torch.autograd.grad(ref, [sf, ce])
+    for name, a, b in zip(("dsf", "dce"), got, want, strict=True):
+        assert_close(name, a, b, gtol)
