@@ -110,6 +110,14 @@ class TrainConfig:
             "warmup from 0 to --lr"
         },
     )
+    schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "after warmup: cosine (per step, to zero at the end) or epoch-cosine (Dassl's, as POMP trains: "
+            "constant within an epoch, epoch e after W warmup epochs at lr * (1 + cos(pi * (e - W) / epochs)) / 2)",
+            "choices": ("cosine", "epoch-cosine"),
+        },
+    )
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (none = off)"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per rank"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling, augmentation, class sampling"})

@@ -89,6 +89,21 @@ def lr_lambda(warmup: int, total: int, warmup_factor: float | None = None):
     return factor
 
 
+def epoch_cosine_lambda(batches_per_epoch: int, warmup_epochs: int, epochs: int, warmup_factor: float | None = None):
+    """Dassl's schedule (POMP's ``LR_SCHEDULER cosine`` + ``WARMUP_TYPE constant``), stepped once per epoch: epochs
+    ``e < warmup_epochs`` at ``warmup_factor`` (linear over their steps when None), epoch ``e >= warmup_epochs`` at
+    ``(1 + cos(pi * (e - warmup_epochs) / epochs)) / 2`` of the peak rate (CosineAnnealingLR with T_max = epochs
+    starting after the warmup, as Dassl's ConstantWarmupScheduler hands over to it)."""
+    warmup = warmup_epochs * batches_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1) if warmup_factor is None else warmup_factor
+        return 0.5 * (1.0 + math.cos(math.pi * (step // batches_per_epoch - warmup_epochs) / epochs))
+
+    return factor
+
+
 def stop_now(code: int, message: str) -> typing.NoReturn:
     """Print `message`, kill this process's data-loader workers (they ignore SIGINT/SIGTERM, so nothing else would
     stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
@@ -366,7 +381,16 @@ def train(argv: list[str] | None = None) -> int:
         raise UserError("--warmup-epochs needs a known epoch length: use --warmup steps with --max-steps on webdataset")
     warmup = tcfg.warmup if tcfg.warmup_epochs is None else round(tcfg.warmup_epochs * batches_per_epoch)
     warmup_factor = None if tcfg.warmup_lr is None else tcfg.warmup_lr / tcfg.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, warmup_factor))
+    if tcfg.schedule == "epoch-cosine":
+        if batches_per_epoch is None:
+            raise UserError("--schedule epoch-cosine needs a known epoch length (map-style data, or --epochs)")
+        warmup_epochs = tcfg.warmup_epochs or 0
+        if warmup_epochs != int(warmup_epochs):
+            raise UserError(f"--schedule epoch-cosine needs whole --warmup-epochs, got {warmup_epochs}")
+        schedule = epoch_cosine_lambda(batches_per_epoch, int(warmup_epochs), tcfg.epochs, warmup_factor)
+    else:
+        schedule = lr_lambda(warmup, total, warmup_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     if state is not None:
         try:

@@ -90,3 +90,25 @@ def test_teacher_cache_takes_the_training_recipe_options_it_has(capsys):
                              tool="rpp.teacher_cache", recipe_from="rpp.train")  # fmt: skip
     assert (cfg.views, cfg.epochs, cfg.shots, cfg.shots_seed, cfg.seed) == (4, 5, 16, 42, 42)  # the run's views
     assert (mcfg.teacher, mcfg.kd_topk, mcfg.augment) == ("ViT-L-14", 100, "pomp-dassl") and cfg.topk is None  # k = 100
+
+
+def test_epoch_cosine_is_dassls_schedule():
+    """POMP's schedule, transcribed from Dassl (ConstantWarmupScheduler over CosineAnnealingLR(T_max=max_epoch),
+    update_lr() at the end of every epoch), against ours at every step of 5 epochs of 3 steps."""
+    import torch
+
+    from rpp.train import epoch_cosine_lambda
+
+    epochs, per_epoch, lr, cons_lr = 5, 3, 2e-3, 1e-5
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    successor = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    dassl = []
+    for epoch in range(epochs):  # warmup epoch 0 at cons_lr; from then on the successor's (last) lr
+        dassl.append(cons_lr if epoch < 1 else successor.get_last_lr()[0])
+        if epoch >= 1:
+            optimizer.step()  # (no gradients: only keeps the scheduler's order check quiet)
+            successor.step()
+    factor = epoch_cosine_lambda(per_epoch, 1, epochs, cons_lr / lr)
+    ours = [lr * factor(step) for step in range(epochs * per_epoch)]
+    assert ours == pytest.approx([v for v in dassl for _ in range(per_epoch)], rel=1e-12)
+    assert dassl[1] == lr and dassl[-1] > 0.3 * lr  # Dassl's last epoch stays well above zero
