@@ -398,3 +398,25 @@ def test_patch_blocks_take_prompts_both_families(model):
         rel_close(torch.autograd.grad(out.sum(), rows)[0], torch.autograd.grad(ref.sum(), rows)[0], "rows grad")
         rel_close(blk(x), unpatched(x), "no prompts: the original block")
         assert unpatch_blocks(tower) == n_blocks and tower.transformer.resblocks[0].attn is mha
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(deep_prompts=3), dict(unshared_qkv=True, deep_prompts=2)])
+def test_encoder_matches_library_reference_on_openai(model, mode):
+    """Every prompt kind (RPP's unshared q/k/v included) on OpenAI's tower equals encode_text_naive, which itself
+    runs OpenAI's blocks (and equals CoOp's encoder for the shallow context)."""
+    from rpp_kernels.text import encode_text_naive
+
+    enc = SharedPrefixTextEncoder(model, N_CTX, **mode)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in enc.prompt_parameters().values():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    params = enc.prompt_parameters()
+    out, ref = enc(NAMES), encode_text_naive(model, NAMES, **params)
+    rel_close(out, ref, "features")
+    for name, g, r in zip(params, grads(out, list(params.values())), grads(ref, list(params.values())), strict=True):
+        assert r.abs().max() > 0
+        rel_close(g, r, f"grad {name}")
+    if not mode:
+        with torch.no_grad():
+            rel_close(ref, coop_text_features(model, NAMES, enc.ctx), "reference vs CoOp")
