@@ -148,11 +148,12 @@ class VisionPrompts(nn.Module):
                 f"prompts must be [depth, P, width] = [{self.depth}, {self.num_prompts}, {self.width}], got "
                 f"{list(rows.shape)}"
             )
-        previous, self._given = self._given, rows
+        # Through __dict__: a Parameter passed here must not be registered as one of this module's parameters.
+        previous, self.__dict__["_given"] = self._given, rows
         try:
             yield
         finally:
-            self._given = previous
+            self.__dict__["_given"] = previous
 
     def extra_repr(self) -> str:
         kind = "unshared k/v (RPP)" if self.unshared_qkv else "shared tokens (VPT/MaPLe)"
