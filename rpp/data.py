@@ -177,9 +177,9 @@ def image_folder(
 def _index(data: str, layout: str, cache_dir: str | None) -> image_index.ImageIndex:
     """The index of an index folder, a file list or a folder tree (walked once, or reused from `cache_dir`)."""
     p = Path(data)
-    if image_index.is_index(p):
-        return image_index.load_index(p)
     progress = image_index._rank() == 0
+    if image_index.is_index(p):
+        return image_index.load_index(p, progress=progress)
     if p.is_file() and cache_dir is None:
         return image_index.build_index(p, progress=progress)
     base = p if p.is_file() else image_index.tree_base(p, layout)

@@ -159,8 +159,9 @@ class ImageIndex:
             raise UserError(f"cannot write index {folder}: {e}") from e
         return folder
 
-    def stale_reason(self) -> str | None:
-        """Why the files may no longer match (cheap: the class folders' or the list file's stat), or None."""
+    def stale_reason(self, progress: bool = False) -> str | None:
+        """Why the files may no longer match (cheap: the class folders' or the list file's stat), or None. With
+        `progress`, a bar over the class folders when their stats take long (network storage)."""
         if not os.path.isdir(self.root):
             return f"its image root {self.root} does not exist"
         if self.source.get("kind") == "filelist":
@@ -171,8 +172,10 @@ class ImageIndex:
             if [st.st_size, st.st_mtime_ns] != [self.source["size"], self.source["mtime_ns"]]:
                 return f"its file list {self.source['path']} changed"
         elif self.class_mtimes is not None:
+            folders = tqdm(self.classes, desc="checking the index's class folders", unit="class", delay=2,
+                           disable=not progress, dynamic_ncols=True)  # fmt: skip
             try:
-                mtimes = [os.stat(os.path.join(self.root, c)).st_mtime_ns for c in self.classes]
+                mtimes = [os.stat(os.path.join(self.root, c)).st_mtime_ns for c in folders]
             except OSError as e:
                 return f"a class folder is gone ({e.filename})"
             if not np.array_equal(np.asarray(mtimes, dtype=np.int64), self.class_mtimes):
@@ -192,7 +195,7 @@ def is_index(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_index(folder: str | os.PathLike, *, check: bool = True) -> ImageIndex:
+def load_index(folder: str | os.PathLike, *, check: bool = True, progress: bool = False) -> ImageIndex:
     """Memory-map an index folder; with `check`, a stale index (see `ImageIndex.stale_reason`) is a UserError."""
     folder = Path(folder)
     if not is_index(folder):
@@ -215,7 +218,7 @@ def load_index(folder: str | os.PathLike, *, check: bool = True) -> ImageIndex:
         meta["fingerprint"], source=meta["source"], class_mtimes=class_mtimes,
     )  # fmt: skip
     if check:
-        reason = index.stale_reason()
+        reason = index.stale_reason(progress)
         if reason is not None:
             raise UserError(f"index {folder} is out of date: {reason}; rebuild it with python -m rpp.index")
     return index
@@ -519,7 +522,7 @@ def cached_index(
     folder = Path(cache_dir) / f"index-{kind}-{key}"
     if is_index(folder):
         index = load_index(folder, check=False)
-        if index.stale_reason() is None:
+        if index.stale_reason(progress) is None:
             return index
     if _rank() == 0:
         t0 = time.perf_counter()
