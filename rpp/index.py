@@ -178,6 +178,8 @@ class ImageIndex:
                 mtimes = [os.stat(os.path.join(self.root, c)).st_mtime_ns for c in folders]
             except OSError as e:
                 return f"a class folder is gone ({e.filename})"
+            finally:
+                folders.close()
             if not np.array_equal(np.asarray(mtimes, dtype=np.int64), self.class_mtimes):
                 return "images were added, removed or renamed in its class folders"
             if _class_folders(Path(self.root), self.layout) != self.classes:
