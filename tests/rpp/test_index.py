@@ -74,6 +74,9 @@ def test_save_load_memory_maps_and_detects_stale_trees(tmp_path):
     index = ix.build_index(root, progress=False)
     index.save(out)  # replaces an index in place
     assert len(ix.load_index(out)) == 5
+    (root / "n00000003").rmdir()
+    with pytest.raises(UserError, match=r"out of date: a class folder is gone \(.*n00000003\)"):
+        ix.load_index(out)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="is not an rpp index"):
@@ -95,6 +98,11 @@ def test_file_list_formats_and_errors(tmp_path):
     ids = ix.parse_file_list(tmp_path / "ids.txt", root=tmp_path / "x")
     assert ids.labels.tolist() == [3, 0, 7] and ids.classes == [str(c) for c in range(8)] and ids.source["label_ids"]
     assert ids.fingerprint == ix.parse_file_list(tmp_path / "ids.txt", root=tmp_path / "x").fingerprint
+    saved = ids.save(tmp_path / "ids.index")
+    assert ix.load_index(saved).labels.tolist() == [3, 0, 7]
+    (tmp_path / "ids.txt").write_text("x/1.jpg\t3\n")
+    with pytest.raises(UserError, match="out of date: its file list .*ids.txt changed"):
+        ix.load_index(saved)
 
     for text, why in [
         ("ok.jpg\t1\nnolabel\n", r":2: no path and label separated by a tab: 'nolabel'"),
