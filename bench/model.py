@@ -179,8 +179,9 @@ def _kd_pad(v: View, dim: str, block: str) -> int:
 
 
 def _kd_full_teacher(v: View) -> tuple[int, int]:
-    """(bytes, padded Et) of the full teacher a fwd/ds launch reads: 1 logits, 2 feats (a tl.dot over Et)."""
-    full = v.c["FULL"]
+    """(bytes, padded Et) of the full teacher a fwd/ds launch reads: 1 logits, 2 feats (a tl.dot over Et). The fwd
+    kernel's FULL holds that form; the ds kernel's FULL is a flag with the form in TEACHER."""
+    full = v.c["FULL"] if "TEACHER" not in v.c else (v.c["TEACHER"] if v.c["FULL"] else 0)
     if full == 1:
         return v.nbytes("t_ptr"), 0
     if full == 2:
