@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +29,22 @@ from PIL import Image
 
 from rpp import checkpoint, eval, teacher_cache, train
 from rpp import data as rpp_data
+from rpp.metrics_log import MetricsLog
 
 SEED = int(os.environ.get("RPP_FAULT_SEED", time.time_ns() % 100_000))
 RUN = ["--batch-size", "2", "--log-every", "1", "--save-every", "2", "--max-steps", "6", "--classes-per-step", "3",
        "--kd-topk", "1", "--no-tensorboard", "--num-workers", "0"]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
-# kill -9 in the middle of the N-th torch.save (half the bytes written), from inside the process: a real SIGKILL at
-# the worst moment, deterministically.
+# kill -9 in the middle of the N-th checkpoint file write (half the bytes written), from inside the process: a real
+# SIGKILL at the worst moment, deterministically. Writes alternate train_state.pt, prompts.pt (steps 2, 4, 6).
 KILL_IN_SAVE = """
 import io, os, signal, sys
 import torch
 from rpp import train
 n, original, calls = int(os.environ["KILL_AT_SAVE"]), torch.save, [0]
 def save(obj, f, *args, **kwargs):
-    calls[0] += 1
+    calls[0] += isinstance(obj, dict) and obj.get("format") in ("rpp.train_state", "rpp.prompts")
     if calls[0] == n:
         buf = io.BytesIO()
         original(obj, buf, *args, **kwargs)
@@ -162,14 +164,14 @@ def test_kills_at_random_points_resume_bit_exactly(tmp_path, datasets, fmt):
     killed = subprocess.Popen(_train_cmd([*args, "--num-workers", "2", "--output", str(hard)]), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     # (for imagefolder the resumed run below uses --num-workers 2 as well: a map-style resume may change it)
+    _wait_for_step(killed, hard, hard_step)
+    killed.kill()
+    killed.wait(timeout=60)
     kill_env = {**ENV, "KILL_AT_SAVE": str(save_call)}
     in_save_run = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args, "--output", str(in_save)],
                                  env=kill_env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert in_save_run.returncode == -signal.SIGKILL, (in_save_run.stderr[-2000:], SEED)
     assert list(in_save.glob(".*.tmp")), "the kill inside a save should leave its temporary file"
-    _wait_for_step(killed, hard, hard_step)
-    killed.kill()
-    killed.wait(timeout=60)
 
     _resume(soft, args)
     _resume(hard, [*args, "--num-workers", "2"])
@@ -521,3 +523,28 @@ def test_an_empty_class_folder_is_refused(tmp_path, capsys):
     assert train.main([*RUN, "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hold no images, e.g. 'empty'" in err[0] and "--data" in err[0], err
+
+
+def test_resumed_metrics_drop_torn_and_repeated_records_and_purge_tensorboard(tmp_path, monkeypatch):
+    made = {}
+
+    class Writer:  # stands in for tensorboard's SummaryWriter (tensorboard is optional)
+        def __init__(self, logdir, purge_step=None):
+            made.update(logdir=logdir, purge_step=purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # resumed at 2; torn last line
+    log = MetricsLog(path, tmp_path / "tb", truncate_after_step=2)
+    log.write({"step": 3, "loss": 1.0})
+    log.close()
+    assert made["purge_step"] == 3  # TensorBoard hides the old steps 3, 4 instead of showing them twice
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 1.0}\n'
