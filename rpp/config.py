@@ -120,6 +120,14 @@ class TrainConfig:
     )
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (none = off)"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per rank"})
+    decode_on_device: bool = field(
+        default=False,
+        metadata={
+            "help": "data workers only read file bytes; JPEGs are decoded on the training device (nvJPEG through "
+            "torchvision's decode_jpeg on a GPU) and augmented there with the same random draws as the PIL path "
+            "(torch's resampling); for image folders, ImageNet-21K trees, indices and file lists"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling, augmentation, class sampling"})
     # logging and checkpoints
     log_every: int = field(default=5, metadata={"help": "write a JSON-lines metrics record every N steps"})

@@ -15,6 +15,8 @@ draws it: resuming mid-epoch, or changing --num-workers, reproduces the same ima
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import io
 import math
@@ -646,6 +648,135 @@ def _warn_duplicate_names(names: list[str]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding on the training device (--decode-on-device): workers read file bytes, the GPU decodes and augments.
+
+_RGB_STEPS = ("_to_rgb", "_convert_to_rgb", "MaybeConvertMode")  # decoders below already give RGB
+_TO_TENSOR_STEPS = ("ToTensor", "MaybeToTensor", "PILToTensor")
+_TENSOR_STEPS = ("RandomResizedCrop", "Resize", "CenterCrop", "RandomHorizontalFlip", "RandAugment", "Normalize")
+
+
+def _uint8_to_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float().div_(255)
+
+
+def tensor_transform(transform: Callable) -> Callable:
+    """The tensor form of a PIL training transform (a torchvision Compose): uint8 [3, H, W] on any device -> float.
+
+    Same steps with the same parameters, so under the same seed they draw the same random crops, flips and
+    RandAugment ops (torchvision draws them on the CPU generator whatever the image's device); only the resampling
+    differs (torch's antialiased bicubic instead of PIL's). The RGB conversion is dropped (decoding gives RGB) and
+    ToTensor becomes a uint8 -> float scale. A step with no tensor form is a UserError naming it."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    out: list[Callable] = []
+    for step in steps:
+        name = getattr(step, "__name__", type(step).__name__)
+        if name in _RGB_STEPS:
+            continue
+        if name in _TO_TENSOR_STEPS:
+            out.append(_uint8_to_float)
+        elif name in _TENSOR_STEPS:
+            out.append(step)
+        else:
+            raise UserError(f"--decode-on-device: the augmentation step {step!r} has no tensor form on the device")
+    return lambda image: functools.reduce(lambda x, f: f(x), out, image)
+
+
+class EncodedViews(Dataset):
+    """ViewsDataset's items undecoded, for --decode-on-device: `(file bytes uint8 [L], label, index, seed)`; the seed
+    is the one ViewsDataset would augment with. An unreadable file gives empty bytes (a corrupt image downstream)."""
+
+    def __init__(self, source, seed: int = 0, indices: list[int] | None = None):
+        if not hasattr(source, "path"):
+            raise UserError("--decode-on-device needs images in files: an image folder, an ImageNet-21K tree, an "
+                            "index or a file list (not the built-in data or webdataset shards)")  # fmt: skip
+        self.source, self.seed = source, seed
+        self.indices = range(len(source)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        epoch, pos = key if isinstance(key, tuple) else (0, key)
+        index = self.indices[pos % len(self.indices)]
+        try:
+            data = Path(self.source.path(index)).read_bytes()
+        except OSError:
+            data = b""
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return encoded, int(self.source.labels[index]), index, _seed(self.seed, epoch, index)
+
+
+def _collate_encoded(items):
+    encoded, labels, indices, seeds = zip(*items, strict=True)
+    return list(encoded), torch.tensor(labels), torch.tensor(indices), list(seeds)
+
+
+def decode_images(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """RGB uint8 [3, H, W] images on `device` (None for a corrupt one): JPEGs in one batched torchvision
+    `decode_jpeg` on the device (nvJPEG on a GPU), anything else (PNG, CMYK JPEG, ...) through torchvision's or PIL's
+    CPU decoders."""
+    from torchvision import io as tvio
+
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    jpeg = [i for i, e in enumerate(encoded) if len(e) > 3 and int(e[0]) == 0xFF and int(e[1]) == 0xD8]
+    rest = sorted(set(range(len(encoded))) - set(jpeg))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+        try:
+            decoded = tvio.decode_jpeg([encoded[i] for i in jpeg], mode=tvio.ImageReadMode.RGB, device=device)
+            for i, image in zip(jpeg, decoded, strict=True):
+                out[i] = image
+        except RuntimeError:  # one bad JPEG fails the batch: decode them one by one below
+            rest = list(range(len(encoded)))
+        for i in rest:
+            if len(encoded[i]) == 0:
+                continue
+            try:
+                out[i] = tvio.decode_image(encoded[i], mode=tvio.ImageReadMode.RGB).to(device)
+            except (RuntimeError, ValueError):
+                try:
+                    with Image.open(io.BytesIO(encoded[i].numpy().tobytes())) as img:
+                        array = np.asarray(img.convert("RGB"))
+                    out[i] = torch.from_numpy(array.copy()).permute(2, 0, 1).to(device)
+                except Exception:  # any decoder error: a corrupt image
+                    out[i] = None
+    return out
+
+
+class DeviceDecodedLoader:
+    """Iterates a loader of EncodedViews batches and yields rpp.data's usual `(views [B, V, C, H, W], labels [B],
+    indices [B], skipped [B])`, decoded and augmented on `device` (views stay there).
+
+    A corrupt image is replaced by the next good image of the same batch (its label and index; augmented with the
+    corrupt one's seed), warned about once and counted in `skipped`, as ViewsDataset counts the images it skips."""
+
+    def __init__(self, loader: DataLoader, source, transform: Callable, views: int, device: torch.device):
+        self.loader, self.source, self.views, self.device = loader, source, views, torch.device(device)
+        self.transform = tensor_transform(transform)
+        self._warned: set[int] = set()
+
+    def __iter__(self):
+        for encoded, labels, indices, seeds in self.loader:
+            images = decode_images(encoded, self.device)
+            good = [b for b, image in enumerate(images) if image is not None]
+            if not good:
+                raise RuntimeError(f"every image of a batch is corrupt, e.g. {self.source.describe(int(indices[0]))}")
+            skipped = torch.zeros(len(images), dtype=torch.int64)
+            take = list(range(len(images)))
+            for b, image in enumerate(images):
+                if image is None:
+                    index = int(indices[b])
+                    if index not in self._warned:
+                        self._warned.add(index)
+                        warnings.warn(f"skipping corrupt image {self.source.describe(index)}", stacklevel=1)
+                    take[b] = next(g for g in good[bisect.bisect_left(good, b) :] + good)
+                    skipped[b] = (take[b] - b) % len(images)
+            views = torch.stack([seeded_views(images[take[b]], self.transform, self.views, seeds[b])
+                                 for b in range(len(images))])  # fmt: skip
+            yield views, labels[take], indices[take], skipped
+
+
 def eval_loader(source, transform: Callable, batch_size: int, rank: int, world: int, num_workers: int) -> DataLoader:
     dataset = ViewsDataset(source, transform)
     sampler = ShardedEvalSampler(len(dataset), batch_size, rank, world)
@@ -679,19 +810,29 @@ def train_loader(
     num_workers: int,
     start: int = 0,
     pin_memory: bool = False,
-) -> tuple[DataLoader, int | None]:
+    decode_device: torch.device | None = None,
+) -> tuple[DataLoader | DeviceDecodedLoader, int | None]:
     """(endless loader from batch `start` on, batches per epoch or None when unknown without counting).
 
-    Batches: (views [B, V, C, H, W], labels [B], indices [B], skipped [B]).
+    Batches: (views [B, V, C, H, W], labels [B], indices [B], skipped [B]). With `decode_device`, workers only read
+    file bytes and the views are decoded and augmented on that device (see DeviceDecodedLoader).
     """
     kwargs = dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
                   worker_init_fn=_ignore_stop_signals)  # fmt: skip
     if spec.format == "webdataset":
         if shots is not None:
             raise UserError("--shots needs a map-style dataset (imagefolder, imagenet21k, builtin), not webdataset")
+        if decode_device is not None:
+            raise UserError("--decode-on-device needs images in files (map-style data), not webdataset shards")
         stream = WebDatasetStream(spec.shards, transform, batch_size, rank, world, views, seed, start)
         return DataLoader(stream, batch_size=batch_size, **kwargs), None
     indices = few_shot(spec.source.labels, shots, shots_seed) if shots is not None else None
+    if decode_device is not None:
+        encoded = EncodedViews(spec.source, seed, indices)
+        sampler = EpochBatchSampler(len(encoded), batch_size, rank, world, seed, start)
+        kwargs.update(pin_memory=False, collate_fn=_collate_encoded)
+        loader = DataLoader(encoded, batch_sampler=sampler, **kwargs)
+        return DeviceDecodedLoader(loader, spec.source, transform, views, decode_device), sampler.batches_per_epoch
     dataset = ViewsDataset(spec.source, transform, views, seed, indices)
     sampler = EpochBatchSampler(len(dataset), batch_size, rank, world, seed, start)
     return DataLoader(dataset, batch_sampler=sampler, **kwargs), sampler.batches_per_epoch

@@ -379,6 +379,7 @@ def train(argv: list[str] | None = None) -> int:
             spec, method.preprocess_train, batch_size=tcfg.batch_size, views=tcfg.views, seed=tcfg.seed,
             shots=tcfg.shots, shots_seed=tcfg.shots_seed, rank=info.rank, world=info.world,
             num_workers=tcfg.num_workers, start=step, pin_memory=info.device.type == "cuda",
+            decode_device=info.device if tcfg.decode_on_device else None,
         )  # fmt: skip
     if batches_per_epoch is None and tcfg.max_steps is None:
         n = int(cache.counts.sum()) if cache is not None else sum(data.shard_sample_counts(spec.shards))
