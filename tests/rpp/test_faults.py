@@ -548,3 +548,40 @@ def test_resumed_metrics_drop_torn_and_repeated_records_and_purge_tensorboard(tm
     log.close()
     assert made["purge_step"] == 3  # TensorBoard hides the old steps 3, 4 instead of showing them twice
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 1.0}\n'
+
+
+def _generated_bad_values() -> list[tuple[str, str, str]]:
+    """(tool, option, value) for every option of every tool: non-numbers and fractions for int options, inf/nan for
+    float options, an unknown word for options with choices. New options are covered as soon as they exist."""
+    import dataclasses
+    import typing
+
+    from rpp.config import TrainConfig, _unwrap
+    from rpp.eval import EvalConfig
+    from rpp.method import MethodConfig
+    from rpp.teacher_cache import CacheConfig
+
+    cases = []
+    for tool, classes in (("train", [TrainConfig, MethodConfig]), ("eval", [EvalConfig]),
+                          ("teacher_cache", [CacheConfig, MethodConfig])):  # fmt: skip
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                base, _, choices = _unwrap(hints[f.name])
+                option = "--" + f.name.replace("_", "-")
+                if f.metadata.get("choices") or choices:
+                    cases.append((tool, option, "no-such-choice"))
+                elif base is int:
+                    cases += [(tool, option, "x"), (tool, option, "2.5")]
+                elif base is float:
+                    cases += [(tool, option, "inf"), (tool, option, "nan"), (tool, option, "-inf")]
+    return cases
+
+
+@pytest.mark.parametrize("tool, option, value", _generated_bad_values())
+def test_every_option_rejects_nonsense_in_one_line(tmp_path, capsys, tool, option, value):
+    main = {"train": train.main, "eval": eval.main, "teacher_cache": teacher_cache.main}[tool]
+    extra = ["--checkpoint", str(tmp_path / "absent")] if tool == "eval" else ["--output", str(tmp_path / "out")]
+    assert main([*extra, option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rpp.{tool}: error: ") and option in err[0], err
