@@ -59,6 +59,12 @@ def test_signed_zero_and_extension_flags():
 
     assert _C.KD_MAX_K == kd_cuda.MAX_K
     assert isinstance(_C.WITH_CUDA, bool)
+    if _C.WITH_CUDA:
+        # setup.py's default targets: SASS for sm_80 and sm_90 plus PTX, so a newer GPU JIT-compiles instead of failing.
+        assert _C.CUDA_ARCHS.split(";")[-1].startswith("compute_"), _C.CUDA_ARCHS
+        assert kd_cuda.built_archs() == _C.CUDA_ARCHS and kd_cuda.arch_reason((10, 0), _C.CUDA_ARCHS) is None
+    else:
+        assert _C.CUDA_ARCHS == ""
 
 
 def test_readable_errors():

@@ -97,7 +97,7 @@ def test_triton_is_not_chosen_on_cpu_unless_forced():
     sf, ce, t = torch.randn(2, 16), torch.randn(10, 16), torch.randn(2, 10)
     from rpp_kernels import _dispatch
 
-    assert _dispatch.select("kd", device=torch.device("cpu"), dtype=torch.float32, k=5, dims=[16]) == "torch"
+    assert _dispatch.select("kd", device=torch.device("cpu"), dtype=torch.float32, k=5) == "torch"
     topk_kd_loss(sf, ce, t, k=5, backend="triton")  # forced: runs through the interpreter
     with pytest.raises(NotImplementedError, match="k=200 > 128"):
         topk_kd_loss(torch.randn(2, 16), torch.randn(300, 16), torch.randn(2, 300), k=200, backend="triton")

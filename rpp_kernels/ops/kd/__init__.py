@@ -21,23 +21,19 @@ from rpp_kernels.ops.kd.common import FEATS, LOGITS, TOPK, Problem, epilogue
 
 REDUCTIONS = ("mean", "sum", "none")
 SUPPORTS = ("full", "topk")
-# The Triton kernel keeps the running top-k in registers as one sorted [rows, KMAX] block of packed keys.
+# The Triton top-k kernel keeps the running top-k in registers as one sorted [rows, KPAD] block of packed keys. The
+# feature dims have no limit: every matmul loops over E in BLOCK_E slices (no [rows, E] tile stays on chip).
 TRITON_MAX_K = 128
-# Backward keeps [rows, E] and [classes, E] tiles on chip; beyond these the tiles exceed sm_80's shared memory.
-TRITON_MAX_DIM = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
 
 
-def _triton_check(*, device, dtype, k, dims, **_):
-    reasons = []
+def _triton_check(*, device, dtype, k, **_):
+    """``k``: the teacher top-k the backend must select (None: none, e.g. a full or precomputed teacher)."""
     if k is not None and k > TRITON_MAX_K:
-        reasons.append(f"k={k} > {TRITON_MAX_K} (the running top-k lives in registers)")
-    limit = TRITON_MAX_DIM.get(dtype, 0)
-    if max(dims) > limit:
-        reasons.append(f"feature dim {max(dims)} > {limit} for {str(dtype).replace('torch.', '')} (shared memory)")
-    return reasons
+        return [f"k={k} > {TRITON_MAX_K} (the running top-k lives in registers)"]
+    return []
 
 
-def _cuda_check(*, device, dtype, k, dims, **_):
+def _cuda_check(*, device, dtype, k, **_):
     from rpp_kernels.ops.kd import cuda as kd_cuda
 
     reasons = []
@@ -381,11 +377,9 @@ def topk_kd_loss(
         # Keeps the graph connected so backward gives zero gradients of the right shapes.
         rows = (student_feats.to(p.acc_dtype) @ class_embeds.to(p.acc_dtype).T).sum(1) * 0.0
     else:
-        dims = [student_feats.shape[1]] + ([p.teacher_feats.shape[1]] if p.form == FEATS else [])
-        slots = p.k if p.form != TOPK else min(p.k or p.topk_indices.shape[1], p.topk_indices.shape[1])
-        name = _dispatch.select(
-            "kd", device=student_feats.device, dtype=student_feats.dtype, backend=backend, k=slots, dims=dims
-        )
+        # Only a logits/feats teacher's top-k is selected on the device (a precomputed one is just gathered).
+        k_sel = p.k if p.form != TOPK else None
+        name = _dispatch.select("kd", device=student_feats.device, dtype=student_feats.dtype, backend=backend, k=k_sel)
         rows = TopKKDFunction.apply(student_feats, class_embeds, p, _impl(name))
     if reduction == "mean":
         return rows.mean()
