@@ -70,19 +70,21 @@ def attention_tiles(n_q: int, n_k: int, n_prefix: int, head_dim: int, dtype: tor
     block_d = max(16, triton.next_power_of_2(head_dim))
     fp32, wide = dtype == torch.float32, block_d > 64
     queries = (32,) if fp32 else (64, 32) if wide else QUERY_BLOCKS
-    keys = (16,) if fp32 and wide else (32,) if fp32 or wide else KEY_BLOCKS
+    # fp32 at head dim 32 spills with 32-key blocks (its MMA layout differs from 64's): 16 like the wide ones.
+    keys = ((32,) if block_d == 64 else (16,)) if fp32 else (32,) if wide else KEY_BLOCKS
     block_m = pick_block(n_q, queries)
     block_n = pick_block(n_k, keys)
     # The prefix block also holds the fp32 partial it accumulates into: one step smaller for fp32.
     block_p = pick_block(n_prefix, tuple(b for b in PREFIX_BLOCKS if b <= (16 if fp32 else keys[0])))
     block_m_bwd = min(block_m, 64)
     if fp32:
-        fwd = {"num_warps": 8 if wide else 4, "num_stages": 2}
+        fwd = {"num_warps": 8, "num_stages": 2}
         bwd = {"num_warps": 8, "num_stages": 1 if wide else 2}
     else:
         fwd = {"num_warps": 2 if block_m <= 32 else 4 if block_m == 64 else 8, "num_stages": 2 if wide else 3}
-        big = wide or block_m_bwd * max(block_n, block_p) >= 4096
-        bwd = {"num_warps": 8 if big else 4, "num_stages": 2}
+        # The backward keeps K, V, dK, dV of a key block and five score-sized tiles live: with four warps sm_90's
+        # ptxas caps registers at 168 and spills (P = 50); eight warps halve each thread's share.
+        bwd = {"num_warps": 8, "num_stages": 2}
     return {
         "BLOCK_D": block_d,
         "BLOCK_M": block_m,
