@@ -154,7 +154,7 @@ def run(argv: list[str] | None = None) -> int:
     fmt = cfg.data_format or data.infer_format(cfg.data)
     if fmt == "webdataset":
         raise UserError("rpp.eval reads image folders (imagefolder / imagenet21k layouts), not webdataset shards")
-    spec = data.resolve(cfg.data, fmt, cfg.classnames)
+    spec = data.resolve(cfg.data, fmt, cfg.classnames, ckpt["seed"])  # built-in data: the training run's split
     source = spec.eval_source if fmt == "builtin" else spec.source
     # The training run's seed: a random-weight student (test models) is rebuilt exactly, so every evaluation of a
     # checkpoint gives the same accuracy.
