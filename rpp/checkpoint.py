@@ -27,6 +27,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,9 @@ def load(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
     if is_torchscript_archive(path):
         raise UserError(f"{what} {path} is a TorchScript archive, not a checkpoint written by rpp")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(str(e))
         if "global" in detail.lower():
@@ -206,13 +209,17 @@ class _Check:
         shown = f", got {_short(value)}" if got else ""
         return UserError(f"{self.what} {self.path} is malformed: {field!r} must be {expected}{shown}")
 
-    def field(self, name: str, types: type | tuple[type, ...], expected: str, parent: dict | None = None) -> Any:
+    def field(
+        self, name: str, types: type | tuple[type, ...], expected: str, parent: dict | None = None, where: str = ""
+    ) -> Any:
+        """obj[name] (or parent[name], reported as `where`.name) if it has one of `types`."""
         obj = self.obj if parent is None else parent
+        label = f"{where}.{name}" if where else name
         if name not in obj:
-            raise UserError(f"{self.what} {self.path} is malformed: no {name!r}")
+            raise UserError(f"{self.what} {self.path} is malformed: no {label!r}")
         value = obj[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-            raise self.fail(name, expected, value)
+            raise self.fail(label, expected, value)
         return value
 
     def header(self, fmt: str) -> None:
@@ -275,24 +282,24 @@ def validate_rng(state: Any, check: _Check, field: str) -> None:
         raise check.fail(field, "a dict of RNG states", state)
     n_bytes = torch.get_rng_state().numel()
     for key in ("torch", "generator"):
-        value = check.field(key, torch.Tensor, "a uint8 tensor", state)
+        value = check.field(key, torch.Tensor, "a uint8 tensor", state, field)
         if value.dtype != torch.uint8 or value.shape != (n_bytes,):
             raise check.fail(f"{field}.{key}", f"a uint8 tensor of {n_bytes} bytes", value)
     cuda = state.get("cuda")
     if cuda is not None and not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) for t in cuda)):
         raise check.fail(f"{field}.cuda", "a list of tensors or None", cuda)
-    numpy = check.field("numpy", dict, "a dict", state)
-    keys = check.field("keys", torch.Tensor, "an int64 tensor", numpy)
+    numpy = check.field("numpy", dict, "a dict", state, field)
+    keys = check.field("keys", torch.Tensor, "an int64 tensor", numpy, f"{field}.numpy")
     if keys.dtype != torch.int64 or keys.shape != (624,) or bool(((keys < 0) | (keys >= 2**32)).any()):
         raise check.fail(f"{field}.numpy.keys", "624 uint32 values as an int64 tensor", keys)
-    pos = check.field("pos", int, "an int", numpy)
+    pos = check.field("pos", int, "an int", numpy, f"{field}.numpy")
     if not 0 <= pos <= 624:
         raise check.fail(f"{field}.numpy.pos", "in 0..624", pos)
-    check.field("has_gauss", int, "an int", numpy)
-    check.field("gauss", float, "a float", numpy)
-    python = check.field("python", dict, "a dict", state)
-    check.field("version", int, "an int", python)
-    py_state = check.field("state", torch.Tensor, "an int64 tensor", python)
+    check.field("has_gauss", int, "an int", numpy, f"{field}.numpy")
+    check.field("gauss", float, "a float", numpy, f"{field}.numpy")
+    python = check.field("python", dict, "a dict", state, field)
+    check.field("version", int, "an int", python, f"{field}.python")
+    py_state = check.field("state", torch.Tensor, "an int64 tensor", python, f"{field}.python")
     if py_state.dtype != torch.int64 or py_state.shape != (625,) or bool(((py_state < 0) | (py_state > 2**32)).any()):
         raise check.fail(f"{field}.python.state", "625 Mersenne Twister words as an int64 tensor", py_state)
     gauss = python.get("gauss")
@@ -314,7 +321,7 @@ def validate_train_state(obj: dict, path: Path, what: str = "training state") ->
         validate_rng(state, check, f"rng[{r}]")
     optimizer = check.field("optimizer", dict, "an optimizer state dict")
     for key in ("state", "param_groups"):
-        check.field(key, (dict, list), "an optimizer state dict entry", optimizer)
+        check.field(key, (dict, list), "an optimizer state dict entry", optimizer, "optimizer")
     check.field("scheduler", dict, "a scheduler state dict")
     check.field("scaler", dict, "a gradient-scaler state dict")
     check.field("position", dict, "a dict")

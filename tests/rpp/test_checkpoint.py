@@ -54,3 +54,34 @@ def test_rng_state_round_trip():
     checkpoint.set_rng_state(state, gen)
     second = (torch.rand(3), np.random.rand(), random.random(), torch.rand(3, generator=gen))
     assert torch.equal(first[0], second[0]) and first[1:3] == second[1:3] and torch.equal(first[3], second[3])
+
+
+def test_rng_state_is_tensors_and_plain_data_and_survives_a_weights_only_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    np.random.normal()  # a cached gaussian in numpy's state
+    checkpoint.atomic_save({"rng": checkpoint.rng_state(gen)}, tmp_path / "rng.pt")
+    state = checkpoint.load(tmp_path / "rng.pt")["rng"]  # weights_only=True: tensors and plain data only
+    check = checkpoint._Check({"rng": [state]}, tmp_path / "rng.pt", "test")
+    checkpoint.validate_rng(state, check, "rng[0]")
+    first = (np.random.normal(), random.random(), torch.rand(2, generator=gen))
+    checkpoint.set_rng_state(state, gen)
+    second = (np.random.normal(), random.random(), torch.rand(2, generator=gen))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+    bad = {**state, "numpy": {**state["numpy"], "keys": state["numpy"]["keys"][:10]}}
+    with pytest.raises(UserError, match=r"'rng\[0\].numpy.keys' must be 624 uint32 values"):
+        checkpoint.validate_rng(bad, check, "rng[0]")
+    with pytest.raises(UserError, match=r"no 'rng\[0\].python'"):
+        checkpoint.validate_rng({k: v for k, v in state.items() if k != "python"}, check, "rng[0]")
+
+
+def test_stale_temp_files_are_removed_and_prompts_repaired(tmp_path):
+    (tmp_path / f".{checkpoint.STATE_FILE}.x1.tmp").write_bytes(b"half")
+    (tmp_path / f".{checkpoint.PROMPTS_FILE}.x2.tmp").write_bytes(b"half")
+    (tmp_path / ".other.tmp").write_bytes(b"not ours")
+    assert checkpoint.remove_stale_temp_files(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [".other.tmp"]
+    state = {"format": checkpoint.STATE_FORMAT, "version": checkpoint.SCHEMA_VERSION, "step": 4, "seed": 0,
+             "prompts": {"ctx": torch.zeros(2)}, "method_config": {}, "classnames": ["a"]}  # fmt: skip
+    assert checkpoint.repair_prompts(tmp_path, state)  # missing: written
+    assert not checkpoint.repair_prompts(tmp_path, state)  # same step: left alone
+    assert checkpoint.load_prompts(tmp_path / checkpoint.PROMPTS_FILE)["step"] == 4
