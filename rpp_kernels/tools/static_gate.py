@@ -270,12 +270,20 @@ def compile_spec(spec: dict, arch: int, cache_dir: str | None = None) -> dict:
     start = time.perf_counter()
     cpu = _cpu_seconds()
     knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's log (registers, spills) to stdout
+    saved_cache = os.environ.get("TRITON_CACHE_DIR")
     try:
-        with contextlib.redirect_stdout(log):
+        # An empty Triton cache: a cache hit would skip ptxas and with it the register/spill log.
+        with tempfile.TemporaryDirectory(prefix="rpp-gate-triton-") as tmp, contextlib.redirect_stdout(log):
+            os.environ["TRITON_CACHE_DIR"] = tmp
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec["options"]))
-        result = analyse(compiled, log.getvalue())
+            result = analyse(compiled, log.getvalue())
     except Exception as exc:  # noqa: BLE001 - a failed compile is a gate violation, reported with its message
         result = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"}
+    finally:
+        if saved_cache is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved_cache
     result["compile_s"] = round(time.perf_counter() - start, 2)
     result["cpu_s"] = round(_cpu_seconds() - cpu, 2)
     if path is not None:
@@ -309,8 +317,6 @@ def compile_all(specs: Iterable[dict], archs=ARCHS, jobs: int | None = None, cac
 
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    # A fresh Triton cache per worker run: a cache hit would skip ptxas and with it the register/spill log.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rpp-gate-triton-")
     torch.set_num_threads(1)
 
 
