@@ -230,7 +230,30 @@ def test_masked_lanes_never_reach_results(monkeypatch):
         return original(self, ptrs, mask, other, *args)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", nan_filled)
-    check_parity(2, 2, 19, 5, 80, True, torch.float32, "hpd")
+    from rpp_kernels.ops import _triton
+
+    monkeypatch.setattr(_triton, "CPU_SM_COUNT", 1)  # backward programs walk 2 of the 3 samples: every branch runs
+    check_parity(3, 2, 19, 5, 80, True, torch.float32, "hpd")
+
+
+def test_every_masked_load_passes_other():
+    """The static half of the rule above: every ``tl.load`` with ``mask=`` in the kernels also passes ``other=`` (the
+    NaN-fill run cannot reach every branch, e.g. the prefix partial re-read when programs walk several samples)."""
+    import ast
+    from pathlib import Path
+
+    import rpp_kernels.ops.attention as package
+
+    tree = ast.parse((Path(package.__file__).parent / "triton.py").read_text())
+    loads = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+    ]
+    masked = [node for node in loads if any(kw.arg == "mask" for kw in node.keywords)]
+    assert masked, "no masked tl.load found: the test no longer reads the kernels"
+    missing = [node.lineno for node in masked if not any(kw.arg == "other" for kw in node.keywords)]
+    assert not missing, f"masked tl.load without other= at lines {missing} of rpp_kernels/ops/attention/triton.py"
 
 
 class LaunchLog:
