@@ -104,6 +104,12 @@ def epoch_cosine_lambda(batches_per_epoch: int, warmup_epochs: int, epochs: int,
     return factor
 
 
+def collective_failed(error: BaseException) -> bool:
+    """True for the errors a collective raises when a peer rank died or the process-group timeout passed."""
+    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
+    return isinstance(error, dist.DistError) or any(m in str(error) for m in markers)
+
+
 def stop_now(code: int, message: str) -> typing.NoReturn:
     """Print `message`, kill this process's data-loader workers (they ignore SIGINT/SIGTERM, so nothing else would
     stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
@@ -542,6 +548,14 @@ def _loop(tcfg, method, model, loader, cache, optimizer, scheduler, scaler, gene
                 )
                 print(f"rpp.train: error: {e}; stopping, {good}", file=sys.stderr)
                 return EXIT_NON_FINITE
+            except RuntimeError as e:
+                if not (info.enabled and collective_failed(e)):
+                    raise
+                bar.close()
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                print(f"rpp.train: error: a collective failed on rank {info.rank} (a peer rank died or stalled?): "
+                      f"{first}; {kept()}", file=sys.stderr)  # fmt: skip
+                return EXIT_STALLED
             if stopping:
                 bar.close()
                 signum = stop["signal"] or signal.SIGTERM

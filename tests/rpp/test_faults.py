@@ -585,3 +585,42 @@ def test_every_option_rejects_nonsense_in_one_line(tmp_path, capsys, tool, optio
     assert main([*extra, option, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"rpp.{tool}: error: ") and option in err[0], err
+
+
+def _pid_with_env(*entries: str) -> int | None:
+    """The pid of the rpp.train process whose environment holds all `entries` ("KEY=value")."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = set(environ.read_bytes().split(b"\0"))
+            cmdline = (environ.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"rpp.train" in cmdline and all(e.encode() in env for e in entries):
+            return int(environ.parent.name)
+    return None
+
+
+def test_a_dead_torchrun_rank_stops_the_others_cleanly(tmp_path, datasets):
+    """kill -9 of rank 1 mid-run: rank 0 stops with one line instead of a collective traceback (or a hang), and the
+    last checkpoint is intact."""
+    tag = f"RPP_FAULT_TAG={os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rpp.train",
+           *RUN, *datasets["imagefolder"], "--max-steps", "400", "--output", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**ENV, tag.split("=")[0]: tag.split("=")[1]}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for_step(proc, out, 3)
+        rank1 = _pid_with_env(tag, "RANK=1")
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGKILL)
+        stdout, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert 'rpp/train.py", line' not in err, err[-3000:]  # no traceback through rpp's code on the surviving rank
+    clean = ("a collective failed on rank 0", "stopped by signal", "no checkpoint within")
+    assert any(m in err + stdout for m in clean), err[-3000:]
+    state = checkpoint.load_train_state(out / checkpoint.STATE_FILE)
+    assert state["step"] >= 2 and state["world_size"] == 2
