@@ -624,3 +624,40 @@ def test_a_dead_torchrun_rank_stops_the_others_cleanly(tmp_path, datasets):
     assert any(m in err + stdout for m in clean), err[-3000:]
     state = checkpoint.load_train_state(out / checkpoint.STATE_FILE)
     assert state["step"] >= 2 and state["world_size"] == 2
+
+
+def test_a_stalled_torchrun_rank_becomes_a_clean_resumable_stop(tmp_path, datasets):
+    """SIGSTOP of rank 1 (stalled, not dead): rank 0's watchdog stops it after --stall-timeout with exit 4 and one
+    line; the run resumes from the last checkpoint."""
+    tag = f"RPP_FAULT_TAG={os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "ddp"
+    args = [*RUN, *datasets["imagefolder"], "--max-steps", "400", "--stall-timeout", "8"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rpp.train",
+           *args, "--output", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**ENV, tag.split("=")[0]: tag.split("=")[1]}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    rank1 = None
+    try:
+        _wait_for_step(proc, out, 3)
+        rank0, rank1 = _pid_with_env(tag, "RANK=0"), _pid_with_env(tag, "RANK=1")
+        os.kill(rank1, signal.SIGSTOP)
+        start = time.time()
+        while time.time() - start < 120 and Path(f"/proc/{rank0}").exists():
+            time.sleep(0.2)
+        stalled_for = time.time() - start
+        os.kill(rank1, signal.SIGCONT)  # let torchrun's SIGTERM reach it
+        stdout, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if rank1 is not None and Path(f"/proc/{rank1}").exists():
+            os.kill(rank1, signal.SIGKILL)
+    assert 8 <= stalled_for < 60, stalled_for
+    assert "no training step finished in 8 s" in err, err[-3000:]
+    assert 'rpp/train.py", line' not in err, err[-3000:]
+    step = checkpoint.load_train_state(out / checkpoint.STATE_FILE)["step"]
+    assert step >= 2
+    resumed = subprocess.run(cmd[:-2] + ["--output", str(out), "--max-steps", str(step + 1), "--resume"], env=ENV,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint.load_train_state(out / checkpoint.STATE_FILE)["step"] == step + 1
