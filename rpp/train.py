@@ -3,9 +3,11 @@
 With no arguments: a small complete run on CPU (tiny random-weight open_clip student and teacher, the built-in
 shapes dataset, RPP prompts, KD + CE), a few minutes on two cores.
 
-Exit codes: 0 finished; 2 user error (one line on stderr); 3 non-finite loss or parameters (the last good
-checkpoint is kept); 128+signal (130 SIGINT, 143 SIGTERM) stopped by a signal after saving a checkpoint of the
-last finished step, to continue with `--resume`.
+Exit codes: 0 finished; 2 user error, or a checkpoint that could not be written (one line on stderr); 3 non-finite
+loss or parameters (the last good checkpoint is kept); 4 a stalled or dead rank (no step for --stall-timeout seconds,
+or a failed collective; the last checkpoint is kept); 128+signal (130 SIGINT, 143 SIGTERM) stopped by a signal after
+saving a checkpoint of the last finished step, to continue with `--resume` (a second signal, or a step that cannot
+finish, stops without that save).
 """
 
 from __future__ import annotations
