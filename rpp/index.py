@@ -483,7 +483,12 @@ def _check(path, buf, starts, line_numbers, bad: np.ndarray, why: str) -> None:
 
 
 def build_index(
-    data: str | os.PathLike, *, layout: str | None = None, root: str | None = None, progress: bool = True
+    data: str | os.PathLike,
+    *,
+    layout: str | None = None,
+    root: str | None = None,
+    progress: bool = True,
+    threads: int = 8,
 ) -> ImageIndex:
     """An index of `data`: a file list (a regular file) or a folder tree (`layout`: imagefolder or imagenet21k; none =
     imagenet21k when it holds synset folders, directly or under train/)."""
@@ -494,7 +499,7 @@ def build_index(
         raise UserError("--root applies to file lists only; a folder tree is its own root")
     if layout is None:
         layout = "imagenet21k" if _class_folders(tree_base(p, "imagenet21k"), "imagenet21k") else "imagefolder"
-    return scan_tree(p, layout, progress=progress)
+    return scan_tree(p, layout, progress=progress, threads=threads)
 
 
 def _rank() -> int:
@@ -560,10 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, help="tree layout; none = imagenet21k if synset folders, else "
                         "imagefolder (file lists: from their labels)")  # fmt: skip
     parser.add_argument("--root", help="file lists: the folder their paths are relative to (default: the list's)")
+    parser.add_argument("--threads", type=int, default=8, help="trees: threads listing class folders (more help on "
+                        "network storage, where each directory read and stat waits on the server)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         t0 = time.perf_counter()
-        index = build_index(args.data, layout=args.layout, root=args.root)
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        index = build_index(args.data, layout=args.layout, root=args.root, threads=args.threads)
         built = time.perf_counter() - t0
         index.save(args.output)
     except UserError as e:
