@@ -283,16 +283,21 @@ def _kd_topk_kernel(
 
 def fwd_config(p: Problem) -> dict:
     """Tiles of ``_kd_fwd_kernel`` (also read by the static gate and the work model): 64 rows, the M of one Hopper
-    warpgroup MMA; 2 stages of [64 + 128, BLOCK_E] operand tiles per matmul. With a full teacher two [64, 128] fp32
-    logit tiles are live at once: 8 warps hold them without spilling."""
+    warpgroup MMA; 2 stages of [64 + BLOCK_C, BLOCK_E] operand tiles per matmul."""
+    if p.full_teacher and p.form == LOGITS:
+        # A loaded [64, 128] teacher tile beside the MMA's s still spilled ~0.5 KB at 8 warps; 64 classes do not.
+        fp32 = p.student_feats.dtype == torch.float32  # 3xTF32 keeps 8 warps (see _tiles)
+        return {**_tiles(p), "BLOCK_C": 64, "num_warps": 8 if fp32 else 4}
     return _tiles(p)
 
 
 def _tiles(p: Problem) -> dict:
     fp32 = p.student_feats.dtype == torch.float32
-    two_tiles = p.full_teacher  # the teacher's [64, 128] logits tile (loaded or computed) is live beside s
+    # 8 warps where more than one [64, 128] fp32 tile is live: a full teacher's logits beside s, or 3xTF32's split
+    # operands (4 warps spilled 0.1-0.5 KB on sm_80 in both cases).
+    wide = p.full_teacher or fp32
     return dict(BLOCK_B=BLOCK_B, BLOCK_C=128, BLOCK_E=32 if fp32 else 64, BLOCK_ET=32 if fp32 else 64,
-                num_warps=8 if two_tiles else 4, num_stages=2)  # fmt: skip
+                num_warps=8 if wide else 4, num_stages=2)  # fmt: skip
 
 
 def topk_config(k: int) -> dict:
