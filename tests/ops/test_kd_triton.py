@@ -177,3 +177,28 @@ def test_triton_label_inside_the_teacher_top_k():
     got, want = torch.autograd.grad(loss, [sf, ce]), torch.autograd.grad(ref, [sf, ce])
     for name, a, b in zip(("dsf", "dce"), got, want, strict=True):
         assert_close(name, a, b, gtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("form, k", [("feats", None), ("feats", 100), ("logits", None), ("logits", 100), ("topk", 100)])
+@pytest.mark.parametrize("E, Et", [(512, 768), (1024, 1024), (4096, 4096)])
+def test_triton_tile_configs_fit_shared_memory(dtype, form, k, E, Et):
+    """Every config the launchers pick, counted with all pipeline stages and both operand tiles (and the teacher's
+    matmul), fits sm_80's shared memory at any feature dim: the old backward kept whole [rows, E] and [classes, E]
+    tiles on chip and needed 197,120 B at E = Et = 1024 bf16 with a full feats teacher. The static gate
+    (tests/ops/test_static_gate.py) compiles the real launches; this is the config choice's own budget."""
+    from rpp_kernels.ops.kd import triton as kd_triton
+
+    B, C = 4, 300
+    sf, ce = torch.empty(B, E, dtype=dtype), torch.empty(C, E, dtype=dtype)
+    if form == "feats":
+        teacher = (torch.zeros(B, Et, dtype=dtype), torch.zeros(C, Et, dtype=dtype))
+    elif form == "logits":
+        teacher = torch.zeros(B, C, dtype=dtype)
+    else:
+        teacher = (torch.arange(k).expand(B, k), torch.ones(B, k, dtype=dtype))
+    p = make_problem(sf, ce, teacher, k, 1.0, 1.0, None, 1.0, 0.0, None, "full", "mean")
+    teacher_dot = p.full_teacher and form == "feats"
+    for cfg in (kd_triton.fwd_config(p), kd_triton.bwd_config(p)):
+        used = kd_triton.smem_bytes(cfg, sf.element_size(), teacher_dot)
+        assert used <= kd_triton.SMEM_LIMIT[80], (cfg, used)

@@ -300,6 +300,19 @@ def _tiles(p: Problem) -> dict:
                 num_warps=8 if wide else 4, num_stages=2)  # fmt: skip
 
 
+# Opt-in shared memory per block (bytes): the budget every config below is checked against (tests/ops/test_kd_triton).
+SMEM_LIMIT = {80: 166912, 90: 232448}
+
+
+def smem_bytes(cfg: dict, elem: int, teacher_dot: bool) -> int:
+    """Upper bound on the shared memory of ``_kd_fwd_kernel`` / ``_kd_bwd_ds_kernel`` with ``cfg``: every pipeline
+    stage holds both operand tiles (``[BLOCK_B, BLOCK_E]`` feats and ``[BLOCK_C, BLOCK_E]`` class embeddings), for the
+    teacher's matmul too when it runs (``teacher_dot``), as if the two loops shared nothing. The compiled kernels use
+    at most this (sm_90: 49-64 KiB at the gate's shapes; the static gate reports the real figure)."""
+    per_stage = (cfg["BLOCK_B"] + cfg["BLOCK_C"]) * (cfg["BLOCK_E"] + (cfg["BLOCK_ET"] if teacher_dot else 0)) * elem
+    return cfg["num_stages"] * per_stage
+
+
 def topk_config(k: int) -> dict:
     """Tiles of ``_kd_topk_kernel``: 16 rows over 8 warps keep the running top-k and the tile's keys in registers
     unspilled (4 warps spilled 60 B on sm_90 for a bf16 logits teacher)."""
