@@ -68,6 +68,7 @@ class Launch:
     tensors: dict[str, dict]  # pointer argument -> {shape, dtype, bytes, ptr} (a stand-in repeats another's ptr)
     scalars: dict[str, object]  # non-constexpr int/float arguments
     specialised: list[str] = field(default_factory=list)  # arguments the launch turned into constants (== 1, None)
+    unspecialised: list[str] = field(default_factory=list)  # do_not_specialize arguments (plain i32/i64 whatever value)
     key: str = ""
 
     @property
@@ -129,7 +130,10 @@ def _record(fn, args: tuple, kwargs: dict, grid, case: str) -> Launch:
         grid = grid(dict(bound.arguments))
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     kernel = f"{fn.module}:{fn.fn.__qualname__}"
-    launch = Launch(case, kernel, grid, signature, constexprs, divisible, options, tensors, scalars, specialised)
+    unspecialised = [p.name for p in fn.params if p.do_not_specialize]
+    launch = Launch(
+        case, kernel, grid, signature, constexprs, divisible, options, tensors, scalars, specialised, unspecialised
+    )
     # fn.cache_key hashes the kernel's source and that of every JIT function it calls: an edited kernel is a new key.
     launch.key = _spec_key(kernel, fn.cache_key, signature, constexprs, divisible, options)
     return launch
@@ -512,7 +516,7 @@ def markdown(tables_dir: str | os.PathLike, labels: Iterable[str] = README_CASES
     tables = {a: json.loads(Path(tables_dir, f"sm_{a}.json").read_text()) for a in ARCHS}
     by_arch = {a: {(r["case"], r["kernel"], tuple(r["grid"])): r for r in t["launches"]} for a, t in tables.items()}
     lines = [
-        "| case | kernel | CTAs | sm_80 regs / spill / smem / mma.sync | sm_90 regs / spill / smem / wgmma | gate |",
+        "| case | kernel | CTAs | sm_80 regs / spill B / smem B / MMA | sm_90 regs / spill B / smem B / MMA | gate |",
         "|---|---|---|---|---|---|",
     ]
     for label in labels:
@@ -521,15 +525,15 @@ def markdown(tables_dir: str | os.PathLike, labels: Iterable[str] = README_CASES
                 continue
             r90 = by_arch[90].get(ident, {})
 
-            def cell(r, mma):
+            def cell(r):
                 if not r or "error" in r:
                     return "compile error" if r else "-"
-                return f"{r['registers']} / {r['spill_stores']} / {r['shared']:,} / {r[mma] if r['dots'] else '.'}"
+                mma = f"{r['wgmma']} wgmma" if r["wgmma"] else f"{r['mma_sync']} mma.sync"
+                return f"{r['registers']} / {r['spill_stores']} / {r['shared']:,} / {mma if r['dots'] else '.'}"
 
             bad = sorted(set(r80["violations"]) | set(r90.get("violations", [])))
             lines.append(
-                f"| {label} | `{ident[1]}` | {r80['ctas']:,} | {cell(r80, 'mma_sync')} | {cell(r90, 'wgmma')} | "
-                f"{', '.join(bad) or 'ok'} |"
+                f"| {label} | `{ident[1]}` | {r80['ctas']:,} | {cell(r80)} | {cell(r90)} | {', '.join(bad) or 'ok'} |"
             )
     return "\n".join(lines)
 
