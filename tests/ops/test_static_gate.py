@@ -215,3 +215,23 @@ def test_known_violations_still_happen(report):
     assert not stale, "fixed: remove these entries from tests/ops/static_gate_known.json:\n" + "\n".join(
         f"  sm_{e['arch']} {e['case']} {e['kernel']}: {e['violation']}" for e in stale
     )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--op", "text", "--prompts", "3"], "op 'text' takes no ['n_prompt']"),
+        (["--op", "kd", "--k", "abc"], "--k must be a positive int or 'none'"),
+        (["--batch", "0"], "shape values must be positive"),
+        (["--arch", "75"], "--arch must be a comma-separated subset of 80,90"),
+    ],
+)
+def test_info_kernels_cli_rejects_bad_input(args, message):
+    """``python -m rpp_kernels.info --kernels``: user mistakes are one line and exit 2 (before any compile)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpp_kernels.info", "--kernels", *args], env=_env(), capture_output=True, text=True,
+        timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
