@@ -87,19 +87,22 @@ RPP_HD float stats_lse(SoftmaxStats s) { return s.l > 0.0f ? s.m + logf(s.l) : -
 
 // The whole per-row update, sequentially (the CPU instance; the CUDA kernel splits it over a warp):
 // columns x[0..n) are classes col0 + j; masked classes (mask[col0 + j] == false) and -inf logits are skipped.
-// Updates the row's log-sum-exp of x * inv_t (if lse != nullptr) and its top-k keys of x (if k > 0).
+// Updates the row's log-sum-exp of x * inv_t (if lse != nullptr), of x itself (if lse_1 != nullptr: the student's
+// temperature-1 statistics for cross-entropy, in the same pass) and its top-k keys of x (if k > 0).
 template <typename scalar_t>
 RPP_HD void row_update(const scalar_t* x, int64_t n, int64_t col0, float inv_t, const bool* mask, float* lse,
-                       int64_t* keys, int k) {
-  SoftmaxStats s = stats_empty();
+                       float* lse_1, int64_t* keys, int k) {
+  SoftmaxStats s = stats_empty(), s1 = stats_empty();
   for (int64_t j = 0; j < n; ++j) {
     if (mask != nullptr && !mask[col0 + j]) continue;
     const float v = static_cast<float>(x[j]);
     if (v == -INFINITY) continue;
     if (lse != nullptr) stats_add(s, v * inv_t);
+    if (lse_1 != nullptr) stats_add(s1, v);
     if (k > 0) topk_insert(keys, k, pack_key(v, static_cast<int32_t>(col0 + j)));
   }
   if (lse != nullptr) *lse = stats_lse(stats_merge(stats_from_lse(*lse), s));
+  if (lse_1 != nullptr) *lse_1 = stats_lse(stats_merge(stats_from_lse(*lse_1), s1));
 }
 
 }  // namespace kd

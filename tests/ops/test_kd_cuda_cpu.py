@@ -18,13 +18,14 @@ from rpp_kernels.ops.kd.common import KEY_EMPTY, stable_topk, unpack_keys  # noq
 DEVICES = ["cpu"] + (["cuda"] if _dispatch.cuda_extension_has_gpu_kernels() and torch.cuda.is_available() else [])
 
 
-def _run_chunks(x, k, inv_t, mask, chunk):
+def _run_chunks(x, k, inv_t, mask, chunk, with_lse_1=False):
     B, C = x.shape
     lse = torch.full((B,), float("-inf"), device=x.device)
+    lse_1 = torch.full((B,), float("-inf"), device=x.device) if with_lse_1 else torch.empty(0, device=x.device)
     keys = torch.full((B, k), KEY_EMPTY, dtype=torch.long, device=x.device)
     for c0 in range(0, C, chunk):
-        kd_cuda.kd_topk_stats(x[:, c0 : c0 + chunk], c0, inv_t, mask, lse, keys)
-    return lse, keys
+        kd_cuda.kd_topk_stats(x[:, c0 : c0 + chunk], c0, inv_t, mask, lse, lse_1, keys)
+    return (lse, lse_1, keys) if with_lse_1 else (lse, keys)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -39,9 +40,10 @@ def test_topk_and_lse_match_torch(device, dtype, B, C, k, chunk, ties, masked):
     if masked:
         mask = (torch.rand(C, generator=g) > 0.3).to(device)
         mask[0] = True
-    lse, keys = _run_chunks(x, k, 0.5, mask, chunk)
+    lse, lse_1, keys = _run_chunks(x, k, 0.5, mask, chunk, with_lse_1=True)
     ref_x = x.float() if mask is None else x.float().masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(ref_x * 0.5, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_1, torch.logsumexp(ref_x, 1), rtol=1e-5, atol=1e-5)
     kk = min(k, C)
     cols = torch.arange(C, device=device).expand(B, -1)
     want_val, want_idx = stable_topk(ref_x, cols, kk)
@@ -70,12 +72,12 @@ def test_signed_zero_and_extension_flags():
 def test_readable_errors():
     lse = torch.zeros(2)
     with pytest.raises(RuntimeError, match="keys must be a contiguous int64"):
-        kd_cuda.kd_topk_stats(torch.randn(2, 5), 0, 1.0, None, lse, torch.zeros(2, 3))
+        kd_cuda.kd_topk_stats(torch.randn(2, 5), 0, 1.0, None, lse, lse, torch.zeros(2, 3))
     with pytest.raises(RuntimeError, match="exceeds the maximum"):
-        kd_cuda.kd_topk_stats(torch.randn(2, 5), 0, 1.0, None, lse, torch.zeros(2, 300, dtype=torch.long))
+        kd_cuda.kd_topk_stats(torch.randn(2, 5), 0, 1.0, None, lse, lse, torch.zeros(2, 300, dtype=torch.long))
     with pytest.raises(RuntimeError, match="mask has 3 classes"):
         kd_cuda.kd_topk_stats(
-            torch.randn(2, 5), 0, 1.0, torch.ones(3, dtype=torch.bool), lse, torch.zeros(2, 1, dtype=torch.long)
+            torch.randn(2, 5), 0, 1.0, torch.ones(3, dtype=torch.bool), lse, lse, torch.zeros(2, 1, dtype=torch.long)
         )
 
 
@@ -90,3 +92,19 @@ def test_cuda_backend_matches_reference():
         Case(7, 1000, 5, form="logits", support="topk", ties=True),
     ):
         check_against_reference(case, "cuda", dtype=torch.float32, device="cuda")
+
+
+def test_extension_reducer_matches_torch_reducer():
+    """The cuda backend's stream (chunked.stream with the extension's reductions; both student log-sum-exps in one
+    pass) gives the torch backend's statistics; run here on the extension's CPU instance."""
+    from test_kd_helpers import Case, make_inputs
+
+    from rpp_kernels.ops.kd import chunked, make_problem
+
+    sf, ce, t, kw = make_inputs(Case(7, 300, 5, T=2.0, form="logits", labels=True, mask=True, ties=True))
+    p = make_problem(sf, ce, t, kw["k"], kw["temperature"], kw["logit_scale"], kw["labels"], kw["kd_weight"],
+                     kw["ce_weight"], kw["class_mask"], "full", "mean")  # fmt: skip
+    got, want = chunked.stream(p, reducer=kd_cuda.ExtensionReducer), chunked.stream(p)
+    for name in ("lse_u", "lse_1", "top_val"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.top_idx, want.top_idx)

@@ -51,6 +51,11 @@ class TorchReducer:
         return torch.logaddexp(lse, torch.logsumexp(x * inv_t, dim=1))
 
     @staticmethod
+    def lse_pair(lse: torch.Tensor, lse_1: torch.Tensor, x: torch.Tensor, inv_t: float):
+        """The log-sum-exps at ``inv_t`` and at 1 (the cuda reducer does both in one pass over ``x``)."""
+        return TorchReducer.lse(lse, x, inv_t), TorchReducer.lse(lse_1, x, 1.0)
+
+    @staticmethod
     def topk_init(batch: int, k: int, device: torch.device):
         return torch.empty(batch, 0, device=device), torch.empty(batch, 0, dtype=torch.long, device=device)
 
@@ -85,9 +90,11 @@ def stream(p: Problem, reducer=TorchReducer) -> Stats:
         m_w, l_w, acc = neg.clone(), torch.zeros_like(neg), torch.zeros_like(neg)
     for c0, c1 in _chunks(C, CHUNK):
         s = student_chunk(p, c0, c1) if need_s else None
-        if lse_u is not None:
+        if lse_u is not None and lse_1 is not None:
+            lse_u, lse_1 = reducer.lse_pair(lse_u, lse_1, s, 1.0 / T)
+        elif lse_u is not None:
             lse_u = reducer.lse(lse_u, s, 1.0 / T)
-        if lse_1 is not None:
+        elif lse_1 is not None:
             lse_1 = reducer.lse(lse_1, s, 1.0)
         if not need_teacher:
             continue

@@ -46,21 +46,32 @@ def arch_reason(capability: tuple[int, int], archs: str) -> str | None:
     )
 
 
-@torch.library.custom_op("rpp::kd_topk_stats", mutates_args=("row_lse", "keys"))
+@torch.library.custom_op("rpp::kd_topk_stats", mutates_args=("row_lse", "row_lse_1", "keys"))
 def kd_topk_stats(
-    x: torch.Tensor, col0: int, inv_t: float, mask: torch.Tensor | None, row_lse: torch.Tensor, keys: torch.Tensor
+    x: torch.Tensor,
+    col0: int,
+    inv_t: float,
+    mask: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    row_lse_1: torch.Tensor,
+    keys: torch.Tensor,
 ) -> None:
     """Fold the chunk ``x [B, n]`` (classes ``col0 ..``) into ``row_lse [B]`` (log-sum-exp of ``x * inv_t`` over
-    unmasked classes; pass an empty tensor to skip) and ``keys [B, k]`` (running top-k as packed keys, sorted
-    descending, ``KEY_EMPTY`` when unfilled; ``k = 0`` to skip), in place."""
+    unmasked classes), ``row_lse_1 [B]`` (the same of ``x``, in the same pass; pass empty tensors to skip either) and
+    ``keys [B, k]`` (running top-k as packed keys, sorted descending, ``KEY_EMPTY`` when unfilled; ``k = 0`` to skip),
+    in place."""
     from rpp_kernels import _C
 
-    _C.kd_topk_stats(x, col0, inv_t, mask, row_lse, keys)
+    _C.kd_topk_stats(x, col0, inv_t, mask, row_lse, row_lse_1, keys)
 
 
 @kd_topk_stats.register_fake
-def _(x, col0, inv_t, mask, row_lse, keys) -> None:
+def _(x, col0, inv_t, mask, row_lse, row_lse_1, keys) -> None:
     return None
+
+
+def _none(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, device=x.device)
 
 
 class ExtensionReducer:
@@ -69,10 +80,17 @@ class ExtensionReducer:
     @staticmethod
     def lse(lse: torch.Tensor, x: torch.Tensor, inv_t: float) -> torch.Tensor:
         lse = lse.contiguous()
-        kd_topk_stats(
-            x.contiguous(), 0, inv_t, None, lse, torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
-        )
+        keys = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
+        kd_topk_stats(x.contiguous(), 0, inv_t, None, lse, _none(x), keys)
         return lse
+
+    @staticmethod
+    def lse_pair(lse: torch.Tensor, lse_1: torch.Tensor, x: torch.Tensor, inv_t: float):
+        """Both student log-sum-exps (at T and at 1) in one pass over the chunk."""
+        lse, lse_1 = lse.contiguous(), lse_1.contiguous()
+        keys = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
+        kd_topk_stats(x.contiguous(), 0, inv_t, None, lse, lse_1, keys)
+        return lse, lse_1
 
     @staticmethod
     def topk_init(batch: int, k: int, device: torch.device) -> torch.Tensor:
@@ -80,7 +98,7 @@ class ExtensionReducer:
 
     @staticmethod
     def topk_update(keys: torch.Tensor, t: torch.Tensor, c0: int, k: int) -> torch.Tensor:
-        kd_topk_stats(t.contiguous(), c0, 1.0, None, torch.empty(0, device=t.device), keys)
+        kd_topk_stats(t.contiguous(), c0, 1.0, None, _none(t), _none(t), keys)
         return keys
 
     @staticmethod
