@@ -91,14 +91,14 @@ def extension_kwargs() -> dict:
     if cuda_home and cu:
         archs, gencode = cuda_targets(os.environ.get("RPP_CUDA_ARCHS", "80;90"))
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
-        # Integers only in the macros: a quoted string would have to survive ninja's shell and two compilers.
-        sass = ",".join(map(str, archs))
-        macros = [("RPP_WITH_CUDA", "1"), ("RPP_CUDA_SASS", sass), ("RPP_CUDA_PTX", str(archs[-1]))]
+        # The targets reach bindings.cpp as integer macros (a quoted string would have to survive ninja's shell), for
+        # the C++ compiler only: nvcc splits -D values at commas.
+        archs_cxx = [f"-DRPP_CUDA_SASS={','.join(map(str, archs))}", f"-DRPP_CUDA_PTX={archs[-1]}"]
         ext = CUDAExtension(
             "rpp_kernels._C",
             cpp + cu,
-            define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            define_macros=[("RPP_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx + archs_cxx, "nvcc": nvcc},
         )
     else:
         if cu:
