@@ -117,13 +117,19 @@ def stop_now(code: int, message: str) -> typing.NoReturn:
     stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
     stay as they are; a half-written temporary file is removed when the next run starts."""
     print(message, file=sys.stderr, flush=True)
-    children = multiprocessing.active_children()
-    for child in children:
-        child.kill()
-    for child in children:  # reaped here: no zombie outlives the run
-        child.join(timeout=2)
-    sys.stdout.flush()
-    os._exit(code)
+    if threading.current_thread() is threading.main_thread():
+        # torch's DataLoader installs a SIGCHLD handler that raises "worker is killed" into whatever runs when a
+        # worker dies: the workers are killed on purpose here, so it must not turn this exit into a traceback.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        children = multiprocessing.active_children()
+        for child in children:
+            child.kill()
+        for child in children:  # reaped here: no zombie outlives the run
+            child.join(timeout=2)
+        sys.stdout.flush()
+    finally:
+        os._exit(code)
 
 
 class Watchdog(threading.Thread):

@@ -519,6 +519,7 @@ def stop_on_signals():
             print(f"{PROG}: second signal ({name}): stopping now; the last saved state is kept", file=sys.stderr)
             sys.stderr.flush()
             sys.stdout.flush()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise as the workers die
             for child in multiprocessing.active_children():
                 child.kill()
             os._exit(128 + signum)
