@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,12 @@ class Teacher:
 
     def _class_embeds(self, model_name, classnames, templates, path: Path | None) -> tuple[torch.Tensor, str]:
         if path is not None and path.is_file():
-            embeds = torch.load(path, map_location=self.device, weights_only=True)
+            try:  # derived data: a torn, foreign or poisoned file (never unpickled) is recomputed, not trusted
+                embeds = torch.load(path, map_location=self.device, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable cache file means "recompute"
+                warnings.warn(f"ignoring unreadable class-embedding cache {path} ({type(e).__name__}); recomputing",
+                              stacklevel=2)  # fmt: skip
+                embeds = None
             if isinstance(embeds, torch.Tensor) and embeds.ndim == 2 and embeds.shape[0] == len(classnames):
                 return embeds.float(), "cache"
         tokenizer = open_clip.get_tokenizer(model_name)
