@@ -380,7 +380,8 @@ def load_backbone_weights(
     ``checkpoint``: a local file path (read with :func:`read_backbone_checkpoint`) or what that function returned.
     ``pos_embed`` is resampled to the model's grid. With ``global_pool='avg'`` timm has no ``norm`` before pooling
     (``fc_norm`` after it instead, freshly initialised), so the checkpoint's ``norm`` is dropped, as MAE fine-tuning
-    and SPT do. Raises ``ValueError`` naming the keys when the checkpoint does not fit the model.
+    does. SPT instead keeps the pretrained norm after pooling: ``rpp.spt`` loads it into ``fc_norm``. Raises
+    ``ValueError`` naming the keys when the checkpoint does not fit the model.
     """
     _check_model(model)
     state, fmt = checkpoint if isinstance(checkpoint, tuple) else read_backbone_checkpoint(checkpoint)

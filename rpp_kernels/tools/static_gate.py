@@ -291,6 +291,7 @@ def compile_spec(spec: dict, arch: int, cache_dir: str | None = None) -> dict:
     result["compile_s"] = round(time.perf_counter() - start, 2)
     result["cpu_s"] = round(_cpu_seconds() - cpu, 2)
     if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result))
     return result
 

@@ -135,6 +135,7 @@ def test_custom_case_rejects_unknown_shape_names():
 # ------------------------------------------------------------------------------- capture + compile (subprocesses)
 SPECIALISE = """
 import json
+import tempfile
 from rpp_kernels.tools import gate_cases, static_gate as g
 launches = []
 for case in (
@@ -146,7 +147,10 @@ for case in (
     launches += recorded
 first = next(l for l in launches if l.signature)
 spec = {k: getattr(first, k) for k in ("key", "kernel", "signature", "constexprs", "divisible", "options")}
-print(json.dumps({"launches": [l.__dict__ for l in launches], "result": g.compile_spec(spec, 80)}))
+cache = tempfile.mkdtemp() + "/not/yet/there"  # --cache DIR need not exist
+result = g.compile_spec(spec, 80, cache)
+assert g.compile_spec(spec, 80, cache) == result  # the second call reads the cached result
+print(json.dumps({"launches": [l.__dict__ for l in launches], "result": result}))
 """
 
 
