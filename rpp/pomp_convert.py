@@ -8,9 +8,9 @@ POMP's text prompt is CoOp's: ``[SOS] ctx <class name> . [EOT]`` through OpenAI'
 ``--text-prompt pomp`` here, so the converted file evaluates with ``python -m rpp.eval`` or ``--suite pomp``.
 
 Reading: ``torch.load(weights_only=True)`` first. Dassl's checkpoints may also hold its scheduler objects, which that
-refuses; the file is then read with an unpickler that resolves only torch's own allowlisted globals and replaces
-every other class or function by an inert placeholder: nothing in the file is imported or called, and only
-``state_dict["ctx"]`` is used.
+refuses; the file is then read again by torch's own weights-only unpickler with every class or function outside
+torch's allowlist mapped to an inert placeholder (``safe_globals`` under the name the file uses): nothing in the file
+is imported or called, and only ``state_dict["ctx"]`` is used.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ PLACEHOLDER_CLASSNAMES = ["(POMP ImageNet-21K-P classes, not recorded by the con
 
 
 class _Inert:
-    """What any non-allowlisted global in the file becomes: takes any arguments and state, does nothing."""
+    """What any global outside torch's allowlist becomes: takes any arguments and state, does nothing."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -42,23 +42,12 @@ class _Inert:
         pass
 
 
-class _InertUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = _get_allowed_globals()
-        return allowed.get(f"{module}.{name}", _Inert)
-
-
-class _InertPickleModule:
-    """A ``pickle_module`` for ``torch.load`` whose unpickler never imports anything outside torch's allowlist."""
-
-    Unpickler = _InertUnpickler
-    __name__ = "rpp.pomp_convert._InertPickleModule"
-
-    @staticmethod
-    def load(file, **kwargs):  # the legacy (non-zip) torch.save format
-        return _InertUnpickler(file, **kwargs).load()
+def _load_with_inert_globals(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with every global the file names outside torch's allowlist mapped to
+    :class:`_Inert`: torch's own restricted unpickler does the reading, so nothing in the file is imported or run."""
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_pomp_checkpoint(path: str | Path) -> tuple[torch.Tensor, int | None]:
@@ -70,7 +59,10 @@ def read_pomp_checkpoint(path: str | Path) -> tuple[torch.Tensor, int | None]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # Dassl scheduler objects and the like: read with inert placeholders instead
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertPickleModule)
+            obj = _load_with_inert_globals(path)
+        except pickle.UnpicklingError as e:  # names a module torch never unpickles (os, subprocess, ...): refused
+            detail = checkpoint._unpickler_detail(str(e))
+            raise UserError(f"refusing to read POMP checkpoint {path}: {detail}") from None
         except Exception as e:  # noqa: BLE001 - corrupt or not a torch file
             raise UserError(f"cannot read POMP checkpoint {path}: {type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - corrupt or not a torch file

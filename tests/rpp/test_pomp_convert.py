@@ -68,7 +68,11 @@ def test_converted_pomp_prompts_give_pomps_logits(tmp_path, monkeypatch):
     weights = tmp_path / "student.pt"
     torch.save(student.state_dict(), weights)
     ctx = torch.randn(N_CTX, 64) * 0.02
-    path = pomp_file(tmp_path, ctx, {"scheduler": ConstantWarmupScheduler(), "hook": Payload()}, prefix="module.")
+    payload = pomp_file(tmp_path, ctx, {"scheduler": ConstantWarmupScheduler(), "hook": Payload()}, prefix="module.")
+    with pytest.raises(UserError, match=r"refusing to read POMP checkpoint .*posix\.system"):
+        read_pomp_checkpoint(payload)  # a global torch never unpickles (os.system): the file is refused
+    assert not (tmp_path / "pwned.txt").exists()  # the payload in the file never ran
+    path = pomp_file(tmp_path, ctx, {"scheduler": ConstantWarmupScheduler()}, prefix="module.")  # Dassl's objects
 
     out = tmp_path / "converted.pt"
     assert main(["--checkpoint", str(path), "--output", str(out), "--model", "rpp-tiny", "--pretrained",
