@@ -6,8 +6,12 @@ Single process when WORLD_SIZE is unset or 1. Backend: NCCL when CUDA is availab
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
+import signal
 import sys
+import threading
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,3 +91,23 @@ def cli_main(prog: str, run: Callable[[list[str] | None], int], argv: list[str] 
         return EXIT_USER_ERROR
     finally:
         shutdown()
+
+
+def stop_now(code: int, message: str) -> typing.NoReturn:
+    """Print `message`, kill this process's data-loader workers (they ignore SIGINT/SIGTERM, so nothing else would
+    stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
+    stay as they are; a half-written temporary file is removed when the next run starts."""
+    print(message, file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # torch's DataLoader installs a SIGCHLD handler that raises "worker is killed" into whatever runs when a
+        # worker dies: the workers are killed on purpose here, so it must not turn this exit into a traceback.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        children = multiprocessing.active_children()
+        for child in children:
+            child.kill()
+        for child in children:  # reaped here: no zombie outlives the run
+            child.join(timeout=2)
+        sys.stdout.flush()
+    finally:
+        os._exit(code)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import random
 import select
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from rpp import checkpoint, data, distributed
 from rpp.config import TrainConfig, parse, validate
+from rpp.distributed import stop_now
 from rpp.errors import UserError
 from rpp.eval import evaluate, format_results
 from rpp.metrics_log import MetricsLog, peak_memory_mb
@@ -110,26 +110,6 @@ def collective_failed(error: BaseException) -> bool:
     """True for the errors a collective raises when a peer rank died or the process-group timeout passed."""
     markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
     return isinstance(error, dist.DistError) or any(m in str(error) for m in markers)
-
-
-def stop_now(code: int, message: str) -> typing.NoReturn:
-    """Print `message`, kill this process's data-loader workers (they ignore SIGINT/SIGTERM, so nothing else would
-    stop them) and exit with `code` at once, skipping the clean-up that would wait for them. Committed checkpoints
-    stay as they are; a half-written temporary file is removed when the next run starts."""
-    print(message, file=sys.stderr, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        # torch's DataLoader installs a SIGCHLD handler that raises "worker is killed" into whatever runs when a
-        # worker dies: the workers are killed on purpose here, so it must not turn this exit into a traceback.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        children = multiprocessing.active_children()
-        for child in children:
-            child.kill()
-        for child in children:  # reaped here: no zombie outlives the run
-            child.join(timeout=2)
-        sys.stdout.flush()
-    finally:
-        os._exit(code)
 
 
 class Watchdog(threading.Thread):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import signal
 import sys
@@ -50,7 +49,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
 from rpp import checkpoint, config
-from rpp.distributed import cli_main
+from rpp.distributed import cli_main, stop_now
 from rpp.errors import UserError
 from rpp.spt import data as spt_data
 from rpp.spt.prototypes import DEFAULT_CAPACITY, LAYER0_SOURCES, MODES, init_prompts
@@ -516,13 +515,7 @@ def stop_on_signals():
     def handler(signum, _frame):
         name = signal.Signals(signum).name
         if state["signal"] is not None:
-            print(f"{PROG}: second signal ({name}): stopping now; the last saved state is kept", file=sys.stderr)
-            sys.stderr.flush()
-            sys.stdout.flush()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise as the workers die
-            for child in multiprocessing.active_children():
-                child.kill()
-            os._exit(128 + signum)
+            stop_now(128 + signum, f"{PROG}: second signal ({name}): stopping now; the last saved state is kept")
         state["signal"] = signum
         print(f"{PROG}: got {name}: finishing this step, saving, then exiting (a second signal stops at once)")
         sys.stdout.flush()
