@@ -47,16 +47,8 @@ from rpp_kernels.text import SharedPrefixTextEncoder
 FULL = os.environ.get("RPP_BENCH_FULL") == "1"
 DEVICE = bench_device()
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
-THREADS = 1
 _full = pytest.mark.skipif(not FULL, reason="long on CPU: set RPP_BENCH_FULL=1")
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bench/conftest.py: every case runs on 1 thread
 
 
 @pytest.fixture(scope="module")

@@ -93,14 +93,6 @@ def jpegs():
     return synthetic_jpegs(N_IMAGES)
 
 
-@pytest.fixture
-def one_worker_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _record(benchmark, provider: str, augment: str, times: dict, jpegs: list[bytes], device: str, extra=None):
     per_image_ms = times["median_ms"] / len(jpegs)
     entry = {
@@ -124,7 +116,7 @@ def _record(benchmark, provider: str, augment: str, times: dict, jpegs: list[byt
 
 @pytest.mark.parametrize("augment", AUGMENTS)
 @pytest.mark.parametrize("provider", ["pil", "torchvision-cpu"])
-def test_decode_augment_per_worker(benchmark, jpegs, one_worker_thread, provider, augment):
+def test_decode_augment_per_worker(benchmark, jpegs, one_thread, provider, augment):
     pipeline = (_pil_pipeline if provider == "pil" else _tv_cpu_pipeline)(augment)
     out = pipeline(jpegs[0])
     if augment != "decode":
